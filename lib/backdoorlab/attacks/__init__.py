@@ -1,0 +1,27 @@
+"""Backdoor attacks, one file each, found by name:
+
+>>> from backdoorlab import attacks
+>>> attack = attacks.create("badnets", target=0)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..registry import Registry
+from .base import LABEL_MODES, Attack, check_pratio, index_hash
+
+ATTACKS: Registry[Attack] = Registry("attack")
+register = ATTACKS.register
+
+from . import badnets, blended  # noqa: E402,F401  (registers the attacks)
+
+
+def create(name: str, **params: Any) -> Attack:
+    return ATTACKS.create(name, **params)
+
+
+def names() -> list[str]:
+    return ATTACKS.names()
+
+
+__all__ = ["Attack", "ATTACKS", "create", "names", "register", "check_pratio", "index_hash", "LABEL_MODES"]

@@ -1,0 +1,165 @@
+"""Attack -> defense -> metrics, with every trained model cached in the zoo.
+
+>>> setting = Setting(dataset="mnist5k", attack="badnets", scale="default")
+>>> result = train_attack(setting)                 # trained once, then loaded
+>>> purified, row = defend(result, "ft")
+
+``Setting.validate`` checks every name and number before any data is loaded or any
+model trained; errors name the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, attacks, data, defenses, metrics, models, scales, zoo
+from .attacks.base import Attack, check_pratio, index_hash
+from .data.bundle import TensorBundle
+from .train import Recipe, fit, resolve_device
+
+CLEAN = "none"  # the attack name of a clean (unpoisoned) model
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One attacked model: what the zoo keys on."""
+
+    dataset: str = "mnist5k"
+    model: str = "preactresnet18"
+    width: int | None = None  # None: the scale preset's width
+    attack: str = "badnets"  # or "none" for a clean model
+    attack_params: dict = field(default_factory=dict)
+    pratio: float = 0.1
+    target: int = 0
+    seed: int = 0
+    scale: str = "default"
+
+    @property
+    def preset(self) -> scales.Scale:
+        return scales.get(self.scale)
+
+    @property
+    def model_width(self) -> int:
+        return self.width if self.width is not None else self.preset.width
+
+    @property
+    def id(self) -> str:
+        """Readable run-folder name, e.g. ``mnist5k-preactresnet18-w16-p0.1-s0-default``."""
+        return f"{self.dataset}-{self.model}-w{self.model_width}-p{self.pratio:g}-s{self.seed}-{self.scale}"
+
+    def make_attack(self) -> Attack | None:
+        if self.attack == CLEAN:
+            return None
+        return attacks.create(self.attack, target=self.target, **self.attack_params)
+
+    def validate(self) -> "Setting":
+        """Check every name and number (no data loaded, nothing trained)."""
+        scales.get(self.scale)
+        data.check(self.dataset)
+        models.check(self.model, self.model_width)
+        check_pratio(self.pratio)
+        if self.attack != CLEAN:
+            attack = self.make_attack()
+            attack.validate(data.num_classes(self.dataset))
+        return self
+
+    def with_attack(self, attack: str, **params: Any) -> "Setting":
+        return dataclasses.replace(self, attack=attack, attack_params=params)
+
+
+@dataclass
+class AttackResult:
+    setting: Setting
+    model: nn.Module
+    attack: Attack | None
+    poison_indices: torch.Tensor
+    metrics: dict[str, float]
+    record: dict[str, Any]
+    data: TensorBundle
+    key: str  # the zoo key of this attacked model
+
+
+def load_data(setting: Setting, device: Any = None) -> TensorBundle:
+    """The setting's dataset on ``device``, cut to the scale's train/test limits."""
+    preset = setting.preset
+    bundle = data.load(setting.dataset, resolve_device(device))
+    train = torch.arange(min(len(bundle.train_y), preset.train_limit)) if preset.train_limit else None
+    return bundle.subset(train, preset.test_limit)
+
+
+def attack_recipe(setting: Setting) -> Recipe:
+    preset = setting.preset
+    return Recipe(epochs=preset.attack_epochs(setting.dataset), batch_size=preset.batch_size)
+
+
+def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: Any = None, progress: bool = True) -> AttackResult:
+    """Train (or load from the zoo) the model of ``setting``, and evaluate it."""
+    setting.validate()
+    bundle = bundle if bundle is not None else load_data(setting, device)
+    attack = setting.make_attack()
+    poison = (attack.poison_indices(bundle.train_y, setting.pratio, setting.seed)
+              if attack is not None else torch.empty(0, dtype=torch.int64))
+    recipe = attack_recipe(setting)
+    key = {**dataclasses.asdict(setting), "width": setting.model_width,
+           "attack_params": attack.params() if attack else {}, "recipe": dataclasses.asdict(recipe),
+           "n_train": len(bundle.train_y), "n_test": len(bundle.test_y), "version": __version__}
+    label = f"{setting.attack}-{setting.id}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(setting.seed)
+        model = models.for_bundle(setting.model, bundle, setting.model_width).to(bundle.device)
+    if zoo.exists(label, key):
+        record = zoo.load(label, key, model)
+    else:
+        history = fit(model, bundle, recipe, attack, poison if attack else None, seed=setting.seed,
+                      progress=progress, desc=f"{setting.attack} {setting.id}")
+        record = {
+            "metrics": metrics.evaluate(model, bundle, attack),
+            "poison": {"count": len(poison), "index_hash": index_hash(poison)},
+            "history": dataclasses.asdict(history),
+            "environment": _environment(bundle.device),
+        }
+        zoo.save(label, key, model, record)
+    model.eval()
+    return AttackResult(setting, model, attack, poison, record["metrics"], record, bundle, zoo.key(key))
+
+
+def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progress: bool = True,
+           **params: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Purify an attacked model with ``defense`` on the defender's clean subset (cached
+    in the zoo); returns the purified model and its metrics row (with DER/RIR)."""
+    method = defenses.create(defense, **params)
+    setting = result.setting
+    clean_idx = data.clean_subset(result.data, clean_ratio, seed=setting.seed)
+    clean = result.data.subset(clean_idx)
+    key = {"attacked_model": result.key,
+           "defense": defense, "params": method.params(), "clean_ratio": clean_ratio,
+           "clean_hash": index_hash(clean_idx), "version": __version__}
+    label = f"{defense}-{setting.attack}-{setting.id}"
+    purified = models.clone(result.model)
+    if zoo.exists(label, key):
+        record = zoo.load(label, key, purified)
+    else:
+        start = time.perf_counter()
+        purified = method.purify(result.model, clean, scale=setting.scale, seed=setting.seed, progress=progress)
+        seconds = time.perf_counter() - start
+        record = {"metrics": metrics.evaluate(purified, result.data, result.attack), "seconds": seconds,
+                  "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
+                  "environment": _environment(result.data.device)}
+        zoo.save(label, key, purified, record)
+    purified.eval()
+    row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"]}
+    if result.attack is not None:
+        row["der"] = metrics.der(result.metrics, record["metrics"])
+        row["rir"] = metrics.rir(result.metrics, record["metrics"])
+    return purified, row
+
+
+def _environment(device: Any) -> dict[str, Any]:
+    from .runs import environment
+
+    return environment(device)

@@ -1,0 +1,187 @@
+"""The one training loop. Every attack, defense and notebook trains through ``fit``.
+
+Data stay on the device as uint8; each step gathers a batch, converts it to [0, 1],
+poisons the chosen samples in one tensor op, augments on the device (random crop
+with padding, flip where the dataset uses it) and takes an SGD step. On CUDA it uses
+bf16 autocast and channels_last. Loss and accuracy are accumulated on the device and
+read once per epoch, so there is no host sync per step.
+
+BackdoorBench's recipe is the default: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
+batch 128, cosine annealing over the epochs.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks.base import Attack
+from .data.bundle import TensorBundle, augment, to_float
+
+SCHEDULES = ("cosine", "constant")
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default objective; returns (loss, logits)."""
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y), logits
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+
+
+@dataclass
+class History:
+    """Per-epoch training loss and accuracy (on the poisoned stream), and wall time."""
+
+    loss: list[float] = field(default_factory=list)
+    acc: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def resolve_device(device: Any = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm  # widget in Jupyter, text elsewhere
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def fit(
+    model: nn.Module,
+    data: TensorBundle,
+    recipe: Recipe,
+    attack: Attack | None = None,
+    poison_indices: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> History:
+    """Train ``model`` in place on ``data.train_x`` (poisoned by ``attack`` at
+    ``poison_indices``, if given) with ``recipe``; returns the per-epoch history.
+
+    ``loss_fn(model, x, y) -> (loss, logits)`` replaces cross-entropy where a defense
+    needs another objective.
+    """
+    device = data.device
+    if (attack is None) != (poison_indices is None):
+        raise ValueError("give both attack and poison_indices, or neither")
+    model = prepare_model(model, device)
+    n = len(data.train_y)
+    poisoned = torch.zeros(n, dtype=torch.bool, device=device)
+    if poison_indices is not None:
+        poisoned[poison_indices.to(device)] = True
+
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay, **fused)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+                 if recipe.schedule == "cosine" else None)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    order_gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(1, n // recipe.batch_size + (n % recipe.batch_size > 1))
+    history = History()
+    loss_fn = loss_fn or cross_entropy
+    start = time.perf_counter()
+    model.train()
+    with progress_bar(recipe.epochs * steps_per_epoch, desc, progress) as bar:
+        for epoch in range(recipe.epochs):
+            order = torch.randperm(n, generator=order_gen).to(device, non_blocking=True)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            seen = 0  # a host-side count: no sync
+            for step in range(steps_per_epoch):
+                idx = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
+                if len(idx) < 2:  # a batch of one breaks BatchNorm
+                    continue
+                x, y = to_float(data.train_x[idx]), data.train_y[idx]
+                if attack is not None:
+                    x, y = attack.poison_batch(x, y, poisoned[idx], data.num_classes)
+                if recipe.augment:
+                    x = augment(x, data.crop_padding, data.flip, gen)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device):
+                    loss, logits = loss_fn(model, x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(idx)
+                bar.update(1)
+            if scheduler is not None:
+                scheduler.step()
+            stats = torch.stack([loss_sum, correct.float()]).tolist()  # one host sync per epoch
+            history.loss.append(stats[0] / max(seen, 1))
+            history.acc.append(stats[1] / max(seen, 1))
+            history.steps += steps_per_epoch
+            bar.set_postfix(epoch=epoch + 1, loss=f"{history.loss[-1]:.3f}", acc=f"{history.acc[-1]:.3f}")
+    history.seconds = time.perf_counter() - start
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Predicted labels for images ``x`` (uint8 or [0, 1] floats), in large batches on
+    ``x``'s device; ``transform`` (e.g. an attack's ``apply``) runs per batch first."""
+    device = x.device
+    model = prepare_model(model, device)
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = to_float(x[start:start + batch_size])
+        if transform is not None:
+            xb = transform(xb)
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out.append(model(xb).argmax(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=device)

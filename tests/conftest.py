@@ -1,0 +1,46 @@
+"""Shared fixtures. Trained `smoke` models are session-scoped and backed by the zoo
+(``BACKDOORLAB_RUNS``, set by ``make test`` to a fresh folder shared with nbval)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("BACKDOORLAB_RUNS", tempfile.mkdtemp(prefix="backdoorlab-test-runs-"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import torch  # noqa: E402
+
+from backdoorlab import data  # noqa: E402
+from backdoorlab.pipeline import CLEAN, Setting, load_data, train_attack  # noqa: E402
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smoke_setting() -> Setting:
+    return Setting(dataset="mnist5k", attack="badnets", scale="smoke", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mnist() -> data.TensorBundle:
+    return data.load("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_setting):
+    return load_data(smoke_setting, "cpu")
+
+
+@pytest.fixture(scope="session")
+def clean_result(smoke_setting, smoke_data):
+    return train_attack(smoke_setting.with_attack(CLEAN), smoke_data, progress=False)
+
+
+@pytest.fixture(scope="session")
+def attack_results(smoke_setting, smoke_data):
+    """One trained smoke model per registered attack (trained once per session)."""
+    from backdoorlab import attacks
+
+    return {name: train_attack(smoke_setting.with_attack(name), smoke_data, progress=False) for name in attacks.names()}
