@@ -1,0 +1,111 @@
+"""Registry-wide attack tests: every registered attack is checked automatically."""
+import pytest
+import torch
+
+from backdoorlab import attacks
+
+ALL = attacks.names()
+
+
+@pytest.fixture(scope="module")
+def batch(mnist):
+    return mnist.train_x[:64].float() / 255, mnist.train_y[:64]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_apply_keeps_shape_dtype_range_and_changes_images(name, batch):
+    x, _ = batch
+    attack = attacks.create(name)
+    out = attack.apply(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().flatten(1).amax(1).min() > 0  # every image carries the trigger
+    rgb = torch.rand(4, 3, 32, 32)
+    assert attack.apply(rgb).shape == rgb.shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_apply_is_one_batched_kernel(name, batch):
+    """Poisoning a batch equals poisoning each image alone (no cross-sample leakage)."""
+    x, _ = batch
+    attack = attacks.create(name)
+    whole = attack.apply(x[:8])
+    single = torch.cat([attack.apply(x[i:i + 1]) for i in range(8)])
+    assert torch.allclose(whole, single, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_poison_indices_are_seeded_and_match_pratio(name, mnist):
+    attack = attacks.create(name)
+    a = attack.poison_indices(mnist.train_y, 0.1, seed=0)
+    assert torch.equal(a, attack.poison_indices(mnist.train_y, 0.1, seed=0))
+    assert not torch.equal(a, attack.poison_indices(mnist.train_y, 0.1, seed=1))
+    assert len(a) == int(0.1 * len(mnist.train_y)) and len(set(a.tolist())) == len(a)
+    if attack.clean_label:
+        assert (mnist.train_y[a] == attack.target).all()
+    else:  # dirty-label: drawn from every class, the target class included (BackdoorBench)
+        assert len(set(mnist.train_y[a].tolist())) == 10
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_poison_batch_touches_only_masked_samples(name, batch):
+    x, y = batch
+    attack = attacks.create(name, target=3)
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[::4] = True
+    px, py = attack.poison_batch(x, y, mask, 10)
+    assert torch.equal(px[~mask], x[~mask]) and torch.equal(py[~mask], y[~mask])
+    assert torch.allclose(px[mask], attack.apply(x[mask]))
+    assert (py[mask] == 3).all() or attack.clean_label
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_all_to_all_labels_and_test_set(name):
+    attack = attacks.create(name, label_mode="all2all")
+    y = torch.arange(10)
+    assert attack.target_labels(y, 10).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    assert attack.test_mask(y).all()
+    one = attacks.create(name, target=4)
+    assert one.test_mask(y).tolist() == [i != 4 for i in range(10)]
+
+
+def test_badnets_is_a_white_3x3_patch_bottom_right():
+    x = torch.zeros(2, 3, 32, 32)
+    out = attacks.create("badnets").apply(x)
+    assert (out[..., 29:, 29:] == 1).all() and out.sum() == 2 * 3 * 9
+    assert (attacks.create("badnets").apply(torch.zeros(1, 1, 64, 64))[..., 58:, 58:] == 1).all()  # 6x6 at 64
+
+
+def test_blended_is_an_alpha_blend_with_a_natural_image():
+    attack = attacks.create("blended", alpha=0.2)
+    x = torch.rand(3, 3, 32, 32)
+    out = attack.apply(x)
+    pattern = (out - 0.8 * x) / 0.2
+    assert torch.allclose(pattern, pattern[:1].expand_as(pattern), atol=1e-5)  # same pattern for all
+    assert pattern.std() > 0.05  # a real picture, not a constant
+    assert "alpha=0.2" in repr(attack) and "pattern='flower'" in repr(attack)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"label_mode": "one2one"}, "label_mode must be one of all2one, all2all"),
+    ({"target": -1}, "target"),
+])
+def test_bad_attack_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        attacks.create("badnets", **kwargs)
+
+
+def test_unknown_attack_parameter_lists_valid_ones():
+    with pytest.raises(TypeError, match="unknown parameter.*alpah.*valid parameters: target, label_mode, alpha, pattern"):
+        attacks.create("blended", alpah=0.3)
+
+
+@pytest.mark.parametrize("pratio", [0, -0.1, 1.5, "0.1"])
+def test_pratio_outside_unit_interval(pratio, mnist):
+    with pytest.raises(ValueError, match=r"pratio must be in \(0, 1\]"):
+        attacks.create("badnets").poison_indices(mnist.train_y, pratio)
+
+
+def test_target_outside_classes():
+    with pytest.raises(ValueError, match="target label 10 is outside the dataset's classes 0..9"):
+        attacks.create("badnets", target=10).validate(10)

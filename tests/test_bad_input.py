@@ -1,0 +1,50 @@
+"""Bad input stops with a clear error naming the valid choices, before any data is
+loaded or any model trained."""
+import pytest
+
+from backdoorlab import data, pipeline
+from backdoorlab.pipeline import Setting
+
+
+@pytest.fixture(autouse=True)
+def no_compute(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("compute started before the input was validated")
+
+    monkeypatch.setattr(pipeline, "fit", forbidden)
+    monkeypatch.setattr(pipeline, "load_data", forbidden)
+    monkeypatch.setattr(data, "load", forbidden)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"dataset": "imagenet22k"}, ValueError, "unknown dataset 'imagenet22k'; valid choices: cifar10, cifar100, gtsrb, mnist5k, tiny-imagenet"),
+    ({"model": "resnet1001"}, ValueError, "unknown model 'resnet1001'; valid choices: preactresnet18, vgg19_bn"),
+    ({"attack": "badnet"}, ValueError, "unknown attack 'badnet'; valid choices: badnets, blended"),
+    ({"pratio": 0.0}, ValueError, r"pratio must be in \(0, 1\]"),
+    ({"pratio": 1.01}, ValueError, r"pratio must be in \(0, 1\]"),
+    ({"target": 10}, ValueError, r"target label 10 is outside the dataset's classes 0..9"),
+    ({"target": 43, "dataset": "gtsrb"}, ValueError, r"target label 43 is outside the dataset's classes 0..42"),
+    ({"width": 0}, ValueError, "width must be an integer >= 1"),
+    ({"scale": "huge"}, ValueError, "unknown scale 'huge'; valid choices: smoke, default, paper"),
+    ({"attack_params": {"alpha": 0.2}}, TypeError, "unknown parameter.*alpha.*valid parameters: target, label_mode, patch_size, value"),
+])
+def test_bad_setting_fails_before_compute(change, error, match):
+    setting = Setting(**{"scale": "smoke", **change})
+    with pytest.raises(error, match=match):
+        pipeline.train_attack(setting)
+
+
+def test_unknown_defense_lists_choices():
+    from backdoorlab import defenses
+
+    with pytest.raises(ValueError, match="unknown defense 'fine-tune'; valid choices: ft"):
+        defenses.create("fine-tune")
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        defenses.create("ft", epochs=0)
+
+
+def test_unknown_defense_in_defend_fails_before_training(monkeypatch):
+    from backdoorlab import defenses
+
+    with pytest.raises(ValueError, match="valid choices: ft"):
+        pipeline.defend(result=None, defense="nad")  # checked before the result is touched

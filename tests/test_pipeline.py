@@ -1,0 +1,106 @@
+"""Training, evaluation, defenses and the zoo on shared `smoke` models (mnist5k, seed 0)."""
+import json
+
+import pytest
+import torch
+
+from backdoorlab import attacks, metrics, paths, pipeline, train, zoo
+from backdoorlab.pipeline import CLEAN, defend, train_attack
+
+# Per-attack bars at `smoke` scale (PreAct-ResNet18 width 8, 4 epochs on 2,000 digits, pratio 0.1).
+ASR_BAR = {"badnets": 0.9, "blended": 0.9}
+ACC_MARGIN = 0.05  # attacked model's clean accuracy may trail the clean model's by at most this
+
+
+def test_clean_training_learns(clean_result):
+    assert clean_result.metrics["acc"] >= 0.85
+    history = clean_result.record["history"]
+    assert history["loss"][-1] < history["loss"][0] * 0.5 and len(history["acc"]) == 4
+
+
+def test_every_attack_has_a_bar():
+    assert set(ASR_BAR) == set(attacks.names())
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_attack_implants_a_working_backdoor(name, attack_results, clean_result):
+    result = attack_results[name]
+    assert result.metrics["asr"] >= ASR_BAR[name]
+    assert result.metrics["acc"] >= clean_result.metrics["acc"] - ACC_MARGIN
+    # the trigger alone does not fool the clean model: the backdoor was learnt
+    assert metrics.evaluate(clean_result.model, result.data, result.attack)["asr"] < 0.3
+
+
+def test_poison_record_matches_indices(attack_results):
+    result = attack_results["badnets"]
+    assert result.record["poison"]["count"] == len(result.poison_indices) == int(0.1 * len(result.data.train_y))
+    assert result.record["poison"]["index_hash"] == attacks.index_hash(result.poison_indices)
+
+
+def test_zoo_reuses_a_trained_model_without_training(attack_results, smoke_setting, smoke_data, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the zoo entry should have been loaded, not retrained")
+
+    monkeypatch.setattr(pipeline, "fit", no_training)
+    again = train_attack(smoke_setting, smoke_data, progress=False)
+    before = attack_results["badnets"]
+    for (k, a), b in zip(before.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert again.metrics == before.metrics
+
+
+def test_zoo_entry_is_safetensors_plus_json(attack_results):
+    folders = [p for p in paths.zoo_dir().iterdir() if p.name.startswith("badnets-mnist5k")]
+    assert folders
+    folder = folders[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "record.json"]
+    header_len = int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((folder / "model.safetensors").read_bytes()[8:8 + header_len])
+    assert "conv1.weight" in header and "linear.weight" in header
+    record = json.loads((folder / "record.json").read_text())
+    assert {"setting", "metrics", "poison", "environment", "history"} <= set(record)
+    assert record["environment"]["torch"] == torch.__version__ and record["setting"]["attack"] == "badnets"
+
+
+def test_an_incomplete_zoo_entry_is_retrained(tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKDOORLAB_RUNS", str(tmp_path))
+    model = torch.nn.Linear(2, 2)
+    zoo.save("m", {"a": 1}, model, {"metrics": {}})
+    assert zoo.exists("m", {"a": 1})
+    (zoo.entry_dir("m", {"a": 1}) / "record.json").unlink()  # as if killed before the record was written
+    assert not zoo.exists("m", {"a": 1})
+    assert not zoo.exists("m", {"a": 2})
+
+
+def test_same_seed_same_metrics_on_cpu(smoke_setting, smoke_data, attack_results, tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKDOORLAB_RUNS", str(tmp_path))  # empty zoo: retrain from scratch
+    retrained = train_attack(smoke_setting, smoke_data, progress=False)
+    assert retrained.metrics == attack_results["badnets"].metrics
+
+
+def test_ft_lowers_asr_and_leaves_the_input_model_alone(attack_results):
+    result = attack_results["badnets"]
+    before = {k: v.clone() for k, v in result.model.state_dict().items()}
+    purified, row = defend(result, "ft", progress=False)
+    assert purified is not result.model
+    assert all(torch.equal(before[k], v) for k, v in result.model.state_dict().items())
+    # FT at smoke: 3 epochs on 100 clean digits. It weakens the backdoor but does not remove it.
+    assert row["asr"] <= result.metrics["asr"] - 0.2
+    assert row["acc"] >= 0.6
+    assert row["der"] == pytest.approx(metrics.der(result.metrics, row))
+    assert metrics.evaluate(purified, result.data, result.attack)["asr"] == pytest.approx(row["asr"])
+
+
+def test_predict_matches_model_argmax(attack_results):
+    result = attack_results["badnets"]
+    x = result.data.test_x[:50]
+    expected = result.model(x.float() / 255).argmax(1)
+    assert torch.equal(train.predict(result.model, x, batch_size=7), expected)
+
+
+def test_fit_needs_attack_and_indices_together(smoke_data):
+    from backdoorlab import models
+
+    m = models.for_bundle("preactresnet18", smoke_data, width=2)
+    with pytest.raises(ValueError, match="both attack and poison_indices"):
+        train.fit(m, smoke_data, train.Recipe(epochs=1), attacks.create("badnets"), None)
