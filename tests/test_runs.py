@@ -52,3 +52,15 @@ def test_notebooks_are_stored_without_outputs():
         code = [c for c in cells if c["cell_type"] == "code"]
         assert all(not c["outputs"] and c["execution_count"] is None for c in code), nb.name
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in code), nb.name
+
+
+def test_papermill_sees_every_parameter():
+    import re
+
+    import papermill as pm
+
+    for nb in paths.notebooks_dir().glob("*.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        source = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        declared = re.findall(r"^(\w+)\s*:", source, flags=re.M)
+        assert declared and set(declared) == set(pm.inspect_notebook(str(nb))), nb.name
