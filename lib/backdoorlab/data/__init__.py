@@ -1,0 +1,62 @@
+"""Datasets as uint8 tensors on the compute device.
+
+>>> from backdoorlab import data
+>>> bundle = data.load("mnist5k", device="cpu")
+
+Bundled and offline: ``mnist5k``. Downloaded on first use: ``cifar10``, ``cifar100``,
+``gtsrb``, ``tiny-imagenet`` (see :mod:`backdoorlab.data.real`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..registry import Registry
+from .bundle import TensorBundle, augment, to_float
+from .mnist5k import load_mnist5k
+from .real import DatasetNotAvailable, load_cifar10, load_cifar100, load_gtsrb, load_tiny_imagenet
+
+DATASETS: Registry[TensorBundle] = Registry("dataset")
+DATASETS.register("mnist5k")(load_mnist5k)
+DATASETS.register("cifar10")(load_cifar10)
+DATASETS.register("cifar100")(load_cifar100)
+DATASETS.register("gtsrb")(load_gtsrb)
+DATASETS.register("tiny-imagenet")(load_tiny_imagenet)
+
+
+NUM_CLASSES = {"mnist5k": 10, "cifar10": 10, "cifar100": 100, "gtsrb": 43, "tiny-imagenet": 200}
+
+
+def num_classes(name: str) -> int:
+    """Class count of a dataset, known without loading it."""
+    return NUM_CLASSES[check(name)]
+
+
+def names() -> list[str]:
+    return DATASETS.names()
+
+
+def check(name: str) -> str:
+    """Validate a dataset name without loading it."""
+    DATASETS.get(name)
+    return name.lower()
+
+
+def load(name: str, device: Any = "cpu", **options: Any) -> TensorBundle:
+    """Load a dataset by name onto ``device`` (the whole set stays resident there)."""
+    return DATASETS.create(name, **options).to(device)
+
+
+def clean_subset(bundle: TensorBundle, ratio: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """Indices of the defender's clean subset: ``int(N * ratio)`` training samples drawn
+    at random (BackdoorBench's ``choose_index``), never from the test set."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"clean ratio must be in (0, 1], got {ratio}")
+    n = len(bundle.train_y)
+    k = max(1, int(n * ratio))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
+__all__ = ["TensorBundle", "augment", "to_float", "load", "names", "num_classes", "check", "clean_subset", "DatasetNotAvailable", "DATASETS"]
