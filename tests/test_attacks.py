@@ -12,23 +12,50 @@ def batch(mnist):
     return mnist.train_x[:64].float() / 255, mnist.train_y[:64]
 
 
+@pytest.fixture(scope="module")
+def prepared(smoke_data):
+    """Every attack with its defaults, prepared on the smoke data (``apply`` works after ``prepare``)."""
+    made = {}
+
+    def get(name, **params):
+        key = (name, tuple(sorted(params.items())))
+        if key not in made:
+            attack = attacks.create(name, **params)
+            attack.prepare(smoke_data, scale="smoke", seed=0)
+            made[key] = attack
+        return made[key]
+
+    return get
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_apply_keeps_shape_dtype_range_and_changes_images(name, batch):
+def test_apply_keeps_shape_dtype_range_and_changes_images(name, batch, prepared):
     x, _ = batch
-    attack = attacks.create(name)
+    attack = prepared(name)
     out = attack.apply(x)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0 and out.max() <= 1
     assert (out - x).abs().flatten(1).amax(1).min() > 0  # every image carries the trigger
-    rgb = torch.rand(4, 3, 32, 32)
-    assert attack.apply(rgb).shape == rgb.shape
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_apply_is_one_batched_kernel(name, batch):
+def test_same_seed_same_poisoned_batch(name, batch, smoke_data):
+    x, y = batch
+    outs = []
+    for _ in range(2):
+        attack = attacks.create(name)
+        attack.prepare(smoke_data, scale="smoke", seed=0)
+        mask = torch.zeros(len(y), dtype=torch.bool)
+        mask[attack.poison_indices(y, 0.25, seed=0)] = True
+        outs.append(attack.poison_batch(x, y, mask, 10))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_apply_is_one_batched_kernel(name, batch, prepared):
     """Poisoning a batch equals poisoning each image alone (no cross-sample leakage)."""
     x, _ = batch
-    attack = attacks.create(name)
+    attack = prepared(name)
     whole = attack.apply(x[:8])
     single = torch.cat([attack.apply(x[i:i + 1]) for i in range(8)])
     assert torch.allclose(whole, single, atol=1e-6)
@@ -48,9 +75,9 @@ def test_poison_indices_are_seeded_and_match_pratio(name, mnist):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_poison_batch_touches_only_masked_samples(name, batch):
+def test_poison_batch_touches_only_masked_samples(name, batch, prepared):
     x, y = batch
-    attack = attacks.create(name, target=3)
+    attack = prepared(name, target=3)
     mask = torch.zeros(len(y), dtype=torch.bool)
     mask[::4] = True
     px, py = attack.poison_batch(x, y, mask, 10)

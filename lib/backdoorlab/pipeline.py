@@ -65,7 +65,7 @@ class Setting:
         check_pratio(self.pratio)
         if self.attack != CLEAN:
             attack = self.make_attack()
-            attack.validate(data.num_classes(self.dataset))
+            attack.validate(data.num_classes(self.dataset), data.image_shape(self.dataset))
         return self
 
     def with_attack(self, attack: str, **params: Any) -> "Setting":
@@ -102,6 +102,8 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
     setting.validate()
     bundle = bundle if bundle is not None else load_data(setting, device)
     attack = setting.make_attack()
+    if attack is not None:
+        attack.prepare(bundle, scale=setting.scale, seed=setting.seed, progress=progress)
     poison = (attack.poison_indices(bundle.train_y, setting.pratio, setting.seed)
               if attack is not None else torch.empty(0, dtype=torch.int64))
     recipe = attack_recipe(setting)
@@ -114,6 +116,8 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
         model = models.for_bundle(setting.model, bundle, setting.model_width).to(bundle.device)
     if zoo.exists(label, key):
         record = zoo.load(label, key, model)
+        if attack is not None:
+            attack.load_state_tensors(zoo.load_tensors(label, key, "attack", str(bundle.device)))
     else:
         history = fit(model, bundle, recipe, attack, poison if attack else None, seed=setting.seed,
                       progress=progress, desc=f"{setting.attack} {setting.id}")
@@ -123,7 +127,7 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
             "history": dataclasses.asdict(history),
             "environment": _environment(bundle.device),
         }
-        zoo.save(label, key, model, record)
+        zoo.save(label, key, model, record, extra={"attack": attack.state_tensors() if attack else {}})
     model.eval()
     return AttackResult(setting, model, attack, poison, record["metrics"], record, bundle, zoo.key(key))
 

@@ -22,15 +22,10 @@ from torch import nn
 
 from .attacks.base import Attack
 from .data.bundle import TensorBundle, augment, to_float
+from .losses import cross_entropy
 
 SCHEDULES = ("cosine", "constant")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-
-
-def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default objective; returns (loss, logits)."""
-    logits = model(x)
-    return F.cross_entropy(logits.float(), y), logits
 
 
 @dataclass(frozen=True)
@@ -104,7 +99,10 @@ def fit(
     ``poison_indices``, if given) with ``recipe``; returns the per-epoch history.
 
     ``loss_fn(model, x, y) -> (loss, logits)`` replaces cross-entropy where a defense
-    needs another objective.
+    needs another objective. An attack steers training through its hooks
+    (``begin_training``, ``training_batch``, ``training_loss``, ``end_epoch``): data
+    poisoning uses the defaults; training-controlled attacks (WaNet, Input-aware, ...)
+    override them instead of copying this loop.
     """
     device = data.device
     if (attack is None) != (poison_indices is None):
@@ -124,7 +122,10 @@ def fit(
     order_gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, n // recipe.batch_size + (n % recipe.batch_size > 1))
     history = History()
-    loss_fn = loss_fn or cross_entropy
+    if loss_fn is None:
+        loss_fn = attack.training_loss if attack is not None else cross_entropy
+    if attack is not None:
+        attack.begin_training(model, data, recipe)
     start = time.perf_counter()
     model.train()
     with progress_bar(recipe.epochs * steps_per_epoch, desc, progress) as bar:
@@ -139,7 +140,7 @@ def fit(
                     continue
                 x, y = to_float(data.train_x[idx]), data.train_y[idx]
                 if attack is not None:
-                    x, y = attack.poison_batch(x, y, poisoned[idx], data.num_classes)
+                    x, y = attack.training_batch(x, y, poisoned[idx], idx, data.num_classes)
                 if recipe.augment:
                     x = augment(x, data.crop_padding, data.flip, gen)
                 if device.type == "cuda":
@@ -155,6 +156,8 @@ def fit(
                 bar.update(1)
             if scheduler is not None:
                 scheduler.step()
+            if attack is not None:
+                attack.end_epoch(epoch)
             stats = torch.stack([loss_sum, correct.float()]).tolist()  # one host sync per epoch
             history.loss.append(stats[0] / max(seen, 1))
             history.acc.append(stats[1] / max(seen, 1))

@@ -12,8 +12,9 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import torch
 from torch import nn
 
 from . import paths, runs
@@ -32,27 +33,56 @@ def exists(label: str, setting: Mapping[str, Any]) -> bool:
     return (entry_dir(label, setting) / "record.json").exists()
 
 
-def save(label: str, setting: Mapping[str, Any], model: nn.Module, record: Mapping[str, Any]) -> Path:
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
+    with runs.atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def save(label: str, setting: Mapping[str, Any], model: nn.Module, record: Mapping[str, Any],
+         extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
+    """Save ``model`` (and named tensor groups in ``extra``, e.g. an attack's trigger
+    generator, each as ``<name>.safetensors``), then the record."""
     folder = entry_dir(label, setting)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with runs.atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
+    _save_tensors(folder / "model.safetensors", model.state_dict())
+    for name, tensors in (extra or {}).items():
+        if tensors:
+            _save_tensors(folder / f"{name}.safetensors", tensors)
     runs.write_json(folder / "record.json", {"setting": dict(setting), **record})
     return folder
 
 
 def load(label: str, setting: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """Load an entry's weights into ``model`` (shaped like the saved one); returns its record."""
-    from safetensors.torch import load_file
-
     folder = entry_dir(label, setting)
     record = runs.read_json(folder / "record.json")
-    state = load_file(str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
-    model.load_state_dict(state)
+    model.load_state_dict(load_tensors(label, setting, "model", str(next(model.parameters()).device)))
     return record
+
+
+def load_tensors(label: str, setting: Mapping[str, Any], name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A named tensor group of an entry (empty if it was saved without one)."""
+    from safetensors.torch import load_file
+
+    path = entry_dir(label, setting) / f"{name}.safetensors"
+    return load_file(str(path), device=device) if path.exists() else {}
+
+
+def cached_tensors(label: str, setting: Mapping[str, Any], build: Callable[[], Mapping[str, torch.Tensor]],
+                   device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors computed once per setting and reused (an attack's pattern, encoder, crafted images)."""
+    if exists(label, setting):
+        return load_tensors(label, setting, "tensors", str(device))
+    tensors = {k: v.detach() for k, v in build().items()}
+    folder = entry_dir(label, setting)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tensors(folder / "tensors.safetensors", tensors)
+    from . import __version__
+
+    runs.write_json(folder / "record.json", {"setting": dict(setting), "version": __version__})
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def remove(label: str, setting: Mapping[str, Any]) -> None:

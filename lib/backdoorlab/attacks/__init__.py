@@ -13,7 +13,18 @@ from .base import LABEL_MODES, Attack, check_pratio, index_hash
 ATTACKS: Registry[Attack] = Registry("attack")
 register = ATTACKS.register
 
-from . import badnets, blended  # noqa: E402,F401  (registers the attacks)
+
+def _register_all() -> None:
+    """Import every attack module in this package (each registers itself)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in {"base", "patterns", "surrogate"}:
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()
 
 
 def create(name: str, **params: Any) -> Attack:

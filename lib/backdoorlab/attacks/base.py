@@ -11,15 +11,31 @@ decides *which* samples are poisoned (``poison_indices``) and *what label* they 
 - all-to-all: label ``y -> (y + 1) mod K``.
 
 ``pratio`` is always a fraction of the *whole* training set.
+
+Hooks, all optional:
+
+- ``prepare(data, scale=, seed=, progress=)`` builds data-dependent trigger material
+  once (a low-frequency pattern, a trained encoder, crafted images); ``apply`` works
+  after it. Material that costs compute is cached in the zoo (``zoo.cached_tensors``).
+- ``state_tensors`` / ``load_state_tensors``: what must be saved with the attacked
+  model so its trigger can be re-applied later (e.g. a trained trigger generator).
+- ``begin_training``, ``training_batch``, ``training_loss``, ``end_epoch``: how a
+  training-controlled attack steers ``train.fit`` (the defaults: plain poisoning).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
+
+from ..losses import cross_entropy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..data.bundle import TensorBundle
 
 LABEL_MODES = ("all2one", "all2all")
 
@@ -51,10 +67,38 @@ class Attack:
         """The attack's hyperparameters (what identifies it in the zoo)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
-    def validate(self, num_classes: int) -> None:
-        """Check the attack against a dataset's classes (before any compute)."""
+    def validate(self, num_classes: int, shape: tuple[int, int, int] | None = None) -> None:
+        """Check the attack against a dataset's classes and image shape ``(C, H, W)``
+        (before any compute). Subclasses extend it with their own constraints."""
         if not 0 <= self.target < num_classes:
             raise ValueError(f"target label {self.target} is outside the dataset's classes 0..{num_classes - 1}")
+
+    # -- hooks (defaults: a plain data-poisoning attack) ---------------------------------
+    def prepare(self, data: "TensorBundle", *, scale: Any = None, seed: int = 0, progress: bool = False) -> None:
+        """Build data-dependent trigger material before poisoning (default: nothing)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved with an attacked model so its trigger can be applied later."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"{self.name} keeps no state, got {sorted(tensors)}")
+
+    def begin_training(self, model: nn.Module, data: "TensorBundle", recipe: Any) -> None:
+        """Called by ``train.fit`` before the first step."""
+
+    def training_batch(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor,
+                       num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch the model trains on; ``mask`` marks poisoned samples, ``idx`` their dataset indices."""
+        return self.poison_batch(x, y, mask, num_classes)
+
+    def training_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective for one batch; returns (loss, logits)."""
+        return cross_entropy(model, x, y)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called by ``train.fit`` after each epoch."""
 
     def target_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         if self.label_mode == "all2one":

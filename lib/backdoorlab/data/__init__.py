@@ -26,6 +26,13 @@ DATASETS.register("tiny-imagenet")(load_tiny_imagenet)
 
 
 NUM_CLASSES = {"mnist5k": 10, "cifar10": 10, "cifar100": 100, "gtsrb": 43, "tiny-imagenet": 200}
+SHAPES = {"mnist5k": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "gtsrb": (3, 32, 32),
+          "tiny-imagenet": (3, 64, 64)}
+
+
+def image_shape(name: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a dataset's images, known without loading it."""
+    return SHAPES[check(name)]
 
 
 def num_classes(name: str) -> int:
@@ -59,4 +66,4 @@ def clean_subset(bundle: TensorBundle, ratio: float = 0.05, seed: int = 0) -> to
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
-__all__ = ["TensorBundle", "augment", "to_float", "load", "names", "num_classes", "check", "clean_subset", "DatasetNotAvailable", "DATASETS"]
+__all__ = ["TensorBundle", "augment", "to_float", "load", "names", "num_classes", "image_shape", "check", "clean_subset", "DatasetNotAvailable", "DATASETS"]

@@ -13,7 +13,18 @@ from .base import Defense
 DEFENSES: Registry[Defense] = Registry("defense")
 register = DEFENSES.register
 
-from . import ft  # noqa: E402,F401  (registers the defenses)
+
+def _register_all() -> None:
+    """Import every defense module in this package (each registers itself)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()
 
 
 def create(name: str, **params: Any) -> Defense:
