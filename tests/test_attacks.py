@@ -46,7 +46,7 @@ def test_same_seed_same_poisoned_batch(name, batch, smoke_data):
         attack = attacks.create(name)
         attack.prepare(smoke_data, scale="smoke", seed=0)
         mask = torch.zeros(len(y), dtype=torch.bool)
-        mask[attack.poison_indices(y, 0.25, seed=0)] = True
+        mask[attack.poison_indices(y, 0.1 if attack.clean_label else 0.25, seed=0)] = True
         outs.append(attack.poison_batch(x, y, mask, 10))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
@@ -64,10 +64,11 @@ def test_apply_is_one_batched_kernel(name, batch, prepared):
 @pytest.mark.parametrize("name", ALL)
 def test_poison_indices_are_seeded_and_match_pratio(name, mnist):
     attack = attacks.create(name)
-    a = attack.poison_indices(mnist.train_y, 0.1, seed=0)
-    assert torch.equal(a, attack.poison_indices(mnist.train_y, 0.1, seed=0))
-    assert not torch.equal(a, attack.poison_indices(mnist.train_y, 0.1, seed=1))
-    assert len(a) == int(0.1 * len(mnist.train_y)) and len(set(a.tolist())) == len(a)
+    pratio = 0.05  # clean-label: half of the target class (0.1 would be all of it on mnist5k)
+    a = attack.poison_indices(mnist.train_y, pratio, seed=0)
+    assert torch.equal(a, attack.poison_indices(mnist.train_y, pratio, seed=0))
+    assert not torch.equal(a, attack.poison_indices(mnist.train_y, pratio, seed=1))
+    assert len(a) == int(pratio * len(mnist.train_y)) and len(set(a.tolist())) == len(a)
     if attack.clean_label:
         assert (mnist.train_y[a] == attack.target).all()
     else:  # dirty-label: drawn from every class, the target class included (BackdoorBench)
@@ -88,10 +89,14 @@ def test_poison_batch_touches_only_masked_samples(name, batch, prepared):
 
 @pytest.mark.parametrize("name", ALL)
 def test_all_to_all_labels_and_test_set(name):
-    attack = attacks.create(name, label_mode="all2all")
     y = torch.arange(10)
-    assert attack.target_labels(y, 10).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
-    assert attack.test_mask(y).all()
+    if attacks.ATTACKS.get(name).clean_label:
+        with pytest.raises(ValueError, match="clean-label attack: only label_mode='all2one'"):
+            attacks.create(name, label_mode="all2all")
+    else:
+        attack = attacks.create(name, label_mode="all2all")
+        assert attack.target_labels(y, 10).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+        assert attack.test_mask(y).all()
     one = attacks.create(name, target=4)
     assert one.test_mask(y).tolist() == [i != 4 for i in range(10)]
 
@@ -125,6 +130,13 @@ def test_bad_attack_parameters(kwargs, match):
 def test_unknown_attack_parameter_lists_valid_ones():
     with pytest.raises(TypeError, match="unknown parameter.*alpah.*valid parameters: target, label_mode, alpha, pattern"):
         attacks.create("blended", alpah=0.3)
+
+
+def test_clean_label_pratio_beyond_the_target_class(mnist):
+    clean_label = [n for n in ALL if attacks.ATTACKS.get(n).clean_label]
+    for name in clean_label:
+        with pytest.raises(ValueError, match="only 400 are eligible"):
+            attacks.create(name).poison_indices(mnist.train_y, 0.2)
 
 
 @pytest.mark.parametrize("pratio", [0, -0.1, 1.5, "0.1"])

@@ -19,7 +19,7 @@ def no_compute(monkeypatch):
 @pytest.mark.parametrize("change, error, match", [
     ({"dataset": "imagenet22k"}, ValueError, "unknown dataset 'imagenet22k'; valid choices: cifar10, cifar100, gtsrb, mnist5k, tiny-imagenet"),
     ({"model": "resnet1001"}, ValueError, "unknown model 'resnet1001'; valid choices: preactresnet18, vgg19_bn"),
-    ({"attack": "badnet"}, ValueError, "unknown attack 'badnet'; valid choices: badnets, blended"),
+    ({"attack": "badnet"}, ValueError, "unknown attack 'badnet'; valid choices: adaptive_blend, adaptive_patch, badnets, bl"),
     ({"pratio": 0.0}, ValueError, r"pratio must be in \(0, 1\]"),
     ({"pratio": 1.01}, ValueError, r"pratio must be in \(0, 1\]"),
     ({"target": 10}, ValueError, r"target label 10 is outside the dataset's classes 0..9"),

@@ -7,8 +7,27 @@ import torch
 from backdoorlab import attacks, metrics, paths, pipeline, train, zoo
 from backdoorlab.pipeline import CLEAN, defend, train_attack
 
-# Per-attack bars at `smoke` scale (PreAct-ResNet18 width 8, 4 epochs on 2,000 digits, pratio 0.1).
-ASR_BAR = {"badnets": 0.9, "blended": 0.9}
+# Per-attack learning bars at `smoke` scale: PreAct-ResNet18 width 8, 4 epochs on 2,000 mnist5k digits,
+# pratio 0.1, seed 0, on CPU; each set with margin below what was measured (closing note of issue 3).
+# Dirty-label attacks must reach ASR >= 0.8; clean-label attacks get lower, stated bars.
+ASR_BAR = {
+    "badnets": 0.9, "blended": 0.9,  # measured 0.998, 1.0
+    "sig": 0.8,  # clean-label; measured 0.925
+    "ftrojan": 0.8,  # with SMOKE_PARAMS (magnitude 255); measured 1.0
+    "ctrl": 0.3,  # clean-label, with SMOKE_PARAMS (magnitude 255); measured 0.55
+    "refool": 0.9,  # measured 0.989
+    "lf": 0.9, "trojannn": 0.9, "ssba": 0.9,  # measured 1.0, 0.993, 1.0
+    "poison_ink": 0.8, "adaptive_blend": 0.8,  # measured 0.916, 0.967
+    "lc": None, "adaptive_patch": None,  # see NOT_LEARNT_AT_SMOKE
+}
+# Paper defaults that 4 epochs on MNIST cannot learn; the learning test skips them, visibly, with the reason.
+NOT_LEARNT_AT_SMOKE = {
+    "lc": "clean-label LC needs more training: smoke ASR 0.075; default scale 0.98 (seed 1) / 0.45 (seed 0)",
+    "adaptive_patch": "its cover samples suppress the backdoor at smoke (ASR 0.03, as designed); "
+                      "test_adaptive_patch_trigger_is_learnable checks the mechanism",
+}
+# Triggers that change MNIST digits so much that even a clean model answers the target class.
+TRIGGER_FOOLS_CLEAN_MODEL = {"refool": "alpha_t 0.4 leaves 60% reflection: the clean model says 0 on ~0.7 of them"}
 ACC_MARGIN = 0.05  # attacked model's clean accuracy may trail the clean model's by at most this
 
 
@@ -20,15 +39,26 @@ def test_clean_training_learns(clean_result):
 
 def test_every_attack_has_a_bar():
     assert set(ASR_BAR) == set(attacks.names())
+    assert {n for n, bar in ASR_BAR.items() if bar is None} == set(NOT_LEARNT_AT_SMOKE)
+    dirty = [n for n, bar in ASR_BAR.items() if bar is not None and not attacks.ATTACKS.get(n).clean_label]
+    assert all(ASR_BAR[n] >= 0.8 for n in dirty)
 
 
 @pytest.mark.parametrize("name", attacks.names())
 def test_attack_implants_a_working_backdoor(name, attack_results, clean_result):
     result = attack_results[name]
-    assert result.metrics["asr"] >= ASR_BAR[name]
     assert result.metrics["acc"] >= clean_result.metrics["acc"] - ACC_MARGIN
-    # the trigger alone does not fool the clean model: the backdoor was learnt
-    assert metrics.evaluate(clean_result.model, result.data, result.attack)["asr"] < 0.3
+    if name in NOT_LEARNT_AT_SMOKE:
+        pytest.skip(NOT_LEARNT_AT_SMOKE[name])
+    assert result.metrics["asr"] >= ASR_BAR[name]
+    if name not in TRIGGER_FOOLS_CLEAN_MODEL:  # the trigger alone does not fool a clean model: it was learnt
+        assert metrics.evaluate(clean_result.model, result.data, result.attack)["asr"] < 0.3
+
+
+def test_adaptive_patch_trigger_is_learnable(smoke_setting, smoke_data):
+    """Without cover samples the Adaptive-Patch trigger is learnt (measured 0.996)."""
+    result = train_attack(smoke_setting.with_attack("adaptive_patch", cover_share=0.0), smoke_data, progress=False)
+    assert result.metrics["asr"] >= 0.9
 
 
 def test_poison_record_matches_indices(attack_results):

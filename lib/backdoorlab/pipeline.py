@@ -102,10 +102,10 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
     setting.validate()
     bundle = bundle if bundle is not None else load_data(setting, device)
     attack = setting.make_attack()
+    poison = (attack.poison_indices(bundle.train_y, setting.pratio, setting.seed)  # checks pratio before any compute
+              if attack is not None else torch.empty(0, dtype=torch.int64))
     if attack is not None:
         attack.prepare(bundle, scale=setting.scale, seed=setting.seed, progress=progress)
-    poison = (attack.poison_indices(bundle.train_y, setting.pratio, setting.seed)
-              if attack is not None else torch.empty(0, dtype=torch.int64))
     recipe = attack_recipe(setting)
     key = {**dataclasses.asdict(setting), "width": setting.model_width,
            "attack_params": attack.params() if attack else {}, "recipe": dataclasses.asdict(recipe),

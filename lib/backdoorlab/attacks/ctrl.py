@@ -1,0 +1,56 @@
+"""CTRL: a frequency trigger (YUV/DCT, like FTrojan), clean-label by default.
+
+Paper: Li, Pang, Xi, Du, Ji, Yao & Wang, "An Embarrassingly Simple Backdoor Attack on
+Self-supervised Learning", ICCV 2023. https://arxiv.org/abs/2210.07346
+
+Threat model: the attacker poisons a fraction ``pratio`` of the training set; by default
+only target-class images get the trigger and keep their labels (clean-label: the
+attacker needs no control of labels or training); at test time it adds the trigger.
+The paper attacks self-supervised learning; BackdoorBench (and this package) adapts
+the trigger to supervised training.
+
+Kernel: RGB -> YUV -> orthonormal DCT over the whole image -> add ``magnitude`` (0..255
+scale) at the trigger frequencies of the chosen channels -> inverse DCT -> RGB -> clamp
+(the shared ``frequency`` kernel: one cached additive pattern).
+
+Hyperparameters (BackdoorBench defaults, ``config/attack/ctrl/default.yaml`` and
+``utils/bd_img_transform/ctrl.py``): ``channels`` (1, 2) (U and V), ``positions``
+(15, 31), i.e. the diagonal frequencies (15, 15) and (31, 31), ``magnitude`` 100 (fixed
+in BackdoorBench's transform), ``window`` None (the whole image is one DCT block),
+``use_clean_label`` True (False: dirty-label, poisoned samples drawn from every class
+and relabelled); target 0, all-to-one. BackdoorBench's CTRL yaml sets pratio 0.05; the
+pipeline's ``pratio`` decides here. Positions refer to a 32x32 window: on 28x28 MNIST
+they are rescaled to 13 and 27; on 64x64 they stay 15 and 31 (as in BackdoorBench).
+
+Grayscale: one-channel images have no U/V, so the trigger goes into the luma (the image
+itself), as for FTrojan (see ``frequency``).
+
+>>> attack = CTRL()                          # clean-label: attack.clean_label is True
+>>> poisoned = attack.apply(images)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import register
+from .frequency import FrequencyAttack
+
+
+@register("ctrl")
+@dataclass
+class CTRL(FrequencyAttack):
+    channels: tuple = (1, 2)  # YUV channels: 0 = Y, 1 = U, 2 = V
+    positions: tuple = (15, 31)  # p = frequency (p, p); (row, col) pairs also accepted
+    magnitude: float = 100  # added DCT coefficient, 0..255 scale
+    window: int | None = None  # DCT block side (None: the whole image)
+    use_clean_label: bool = True
+
+    name = "ctrl"
+    clean_label = True  # the default; an instance follows ``use_clean_label``
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.use_clean_label, bool):
+            raise ValueError(f"use_clean_label must be True or False, got {self.use_clean_label!r}")
+        self.clean_label = self.use_clean_label
+        super().__post_init__()
+        self._check_frequency_params()
