@@ -13,11 +13,14 @@ from backdoorlab.pipeline import CLEAN, defend, train_attack
 ASR_BAR = {
     "badnets": 0.9, "blended": 0.9,  # measured 0.998, 1.0
     "sig": 0.8,  # clean-label; measured 0.925
-    "ftrojan": 0.8,  # with SMOKE_PARAMS (magnitude 255); measured 1.0
-    "ctrl": 0.3,  # clean-label, with SMOKE_PARAMS (magnitude 255); measured 0.55
+    "ftrojan": 0.8,  # with its smoke_params (magnitude 255); measured 1.0
+    "ctrl": 0.3,  # clean-label, with its smoke_params (magnitude 255); measured 0.55
     "refool": 0.9,  # measured 0.989
     "lf": 0.9, "trojannn": 0.9, "ssba": 0.9,  # measured 1.0, 0.993, 1.0
     "poison_ink": 0.8, "adaptive_blend": 0.8,  # measured 0.916, 0.967
+    "blind": 0.9,  # measured 1.0
+    "wanet": 0.9, "bpp": 0.9, "lira": 0.9,  # with their smoke_params; measured 0.998, 1.0, 1.0
+    "inputaware": 0.8,  # with its smoke_params (cross_ratio 0.25); measured 0.94-0.99
     "lc": None, "adaptive_patch": None,  # see NOT_LEARNT_AT_SMOKE
 }
 # Paper defaults that 4 epochs on MNIST cannot learn; the learning test skips them, visibly, with the reason.
@@ -29,6 +32,9 @@ NOT_LEARNT_AT_SMOKE = {
 # Triggers that change MNIST digits so much that even a clean model answers the target class.
 TRIGGER_FOOLS_CLEAN_MODEL = {"refool": "alpha_t 0.4 leaves 60% reflection: the clean model says 0 on ~0.7 of them"}
 ACC_MARGIN = 0.05  # attacked model's clean accuracy may trail the clean model's by at most this
+# LIRA trains every sample both clean and poisoned (alpha 0.5), BppAttack's negatives slow the clean task:
+# measured gaps 0.042-0.052 at smoke.
+ACC_MARGIN_FOR = {"lira": 0.08, "bpp": 0.08}
 
 
 def test_clean_training_learns(clean_result):
@@ -47,7 +53,7 @@ def test_every_attack_has_a_bar():
 @pytest.mark.parametrize("name", attacks.names())
 def test_attack_implants_a_working_backdoor(name, attack_results, clean_result):
     result = attack_results[name]
-    assert result.metrics["acc"] >= clean_result.metrics["acc"] - ACC_MARGIN
+    assert result.metrics["acc"] >= clean_result.metrics["acc"] - ACC_MARGIN_FOR.get(name, ACC_MARGIN)
     if name in NOT_LEARNT_AT_SMOKE:
         pytest.skip(NOT_LEARNT_AT_SMOKE[name])
     assert result.metrics["asr"] >= ASR_BAR[name]

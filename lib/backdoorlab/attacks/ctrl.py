@@ -46,6 +46,7 @@ class CTRL(FrequencyAttack):
     use_clean_label: bool = True
 
     name = "ctrl"
+    smoke_params = {"magnitude": 255}  # the default (~4 grey levels) is not learnt in 4 smoke epochs on MNIST
     clean_label = True  # the default; an instance follows ``use_clean_label``
 
     def __post_init__(self) -> None:

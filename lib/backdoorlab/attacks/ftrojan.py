@@ -45,6 +45,7 @@ class FTrojan(FrequencyAttack):
     window: int | None = 32  # DCT block side (None: the whole image)
 
     name = "ftrojan"
+    smoke_params = {"magnitude": 255}  # the default (~4 grey levels) is not learnt in 4 smoke epochs on MNIST
 
     def __post_init__(self) -> None:
         super().__post_init__()
