@@ -48,3 +48,17 @@ def attack_results(smoke_setting, smoke_data):
     return {name: train_attack(smoke_setting.with_attack(name, **attacks.ATTACKS.get(name).smoke_params), smoke_data,
                                progress=False)
             for name in attacks.names()}
+
+
+@pytest.fixture
+def rgb_bundle():
+    """A factory of small random colour (3x32x32) bundles, for attacks checked beyond one-channel mnist5k."""
+
+    def make(n: int = 96, seed: int = 0, classes: int = 4) -> data.TensorBundle:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+        y = torch.arange(n) % classes
+        return data.TensorBundle("rgb-synthetic", x, y, x[:16].clone(), y[:16].clone(), classes,
+                                 (0.5,) * 3, (0.25,) * 3, flip=True)
+
+    return make

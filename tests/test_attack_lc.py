@@ -5,14 +5,6 @@ import torch
 
 from backdoorlab import attacks, paths
 from backdoorlab.attacks import lc as lc_module
-from backdoorlab.data.bundle import TensorBundle
-
-
-def rgb_bundle(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    y = torch.arange(n) % 4
-    return TensorBundle("rgb-synthetic", x, y, x[:16].clone(), y[:16].clone(), 4, (0.5,) * 3, (0.25,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +73,7 @@ def test_crafting_is_cached_in_the_zoo(lc, smoke_data, monkeypatch):
     assert list(paths.zoo_dir().glob("lc-adv-mnist5k-s0-smoke-*"))
 
 
-def test_three_channel_images():
+def test_three_channel_images(rgb_bundle):
     data = rgb_bundle()
     attack = attacks.create("lc", target=1)
     attack.prepare(data, scale="smoke", seed=0)

@@ -6,14 +6,6 @@ import torch
 from backdoorlab import attacks, paths
 from backdoorlab.attacks import lf as lf_module
 from backdoorlab.attacks.surrogate import clean_surrogate
-from backdoorlab.data.bundle import TensorBundle
-
-
-def rgb_bundle(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    y = torch.arange(n) % 4
-    return TensorBundle("rgb-synthetic", x, y, x[:16].clone(), y[:16].clone(), 4, (0.5,) * 3, (0.25,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +72,7 @@ def test_other_target_other_pattern(lf, smoke_data):
     assert not torch.allclose(other._cache["pattern"], lf._cache["pattern"])
 
 
-def test_three_channel_images_and_shape_check():
+def test_three_channel_images_and_shape_check(rgb_bundle):
     data = rgb_bundle()
     attack = attacks.create("lf", target=1)
     attack.prepare(data, scale="smoke", seed=0)

@@ -6,14 +6,6 @@ import torch
 from backdoorlab import attacks, paths
 from backdoorlab.attacks import ssba as ssba_module
 from backdoorlab.attacks.stegastamp import Decoder, Encoder
-from backdoorlab.data.bundle import TensorBundle
-
-
-def rgb_bundle(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    y = torch.arange(n) % 4
-    return TensorBundle("rgb-synthetic", x, y, x[:16].clone(), y[:16].clone(), 4, (0.5,) * 3, (0.25,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +62,7 @@ def test_networks_take_28_32_and_64_pixel_images():
         assert Decoder(channels, 100, 8)(x).shape == (2, 100)
 
 
-def test_three_channel_images(monkeypatch):
+def test_three_channel_images(monkeypatch, rgb_bundle):
     monkeypatch.setitem(ssba_module.ENCODER, "smoke", {"steps": 20, "lr": 1e-3, "batch": 8, "width": 4})
     data = rgb_bundle()
     attack = attacks.create("ssba", target=1, bits=16)

@@ -6,14 +6,6 @@ import torch
 from backdoorlab import attacks, paths
 from backdoorlab.attacks import trojannn as trojannn_module
 from backdoorlab.attacks.surrogate import clean_surrogate
-from backdoorlab.data.bundle import TensorBundle
-
-
-def rgb_bundle(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    y = torch.arange(n) % 4
-    return TensorBundle("rgb-synthetic", x, y, x[:16].clone(), y[:16].clone(), 4, (0.5,) * 3, (0.25,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +67,7 @@ def test_trigger_is_cached_in_the_zoo_and_shared_across_targets(trojannn, smoke_
     assert list(paths.zoo_dir().glob("trojannn-trigger-mnist5k-s0-smoke-*"))
 
 
-def test_three_channel_images_and_a_conv_layer():
+def test_three_channel_images_and_a_conv_layer(rgb_bundle):
     data = rgb_bundle()
     attack = attacks.create("trojannn", target=1, layer="layer4.1.conv2", num_neurons=3, mask_shape="square")
     attack.prepare(data, scale="smoke", seed=0)

@@ -148,3 +148,21 @@ def test_pratio_outside_unit_interval(pratio, mnist):
 def test_target_outside_classes():
     with pytest.raises(ValueError, match="target label 10 is outside the dataset's classes 0..9"):
         attacks.create("badnets", target=10).validate(10)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_epoch_of_fit_on_colour_images(name, rgb_bundle, tmp_path, monkeypatch):
+    """Every attack prepares, drives train.fit (its hooks) and applies its trigger on 3x32x32 data."""
+    from backdoorlab import models, train
+
+    monkeypatch.setenv("BACKDOORLAB_RUNS", str(tmp_path))
+    bundle = rgb_bundle(n=64, classes=10)
+    attack = attacks.create(name)
+    attack.validate(10, bundle.shape)
+    attack.prepare(bundle, scale="smoke", seed=0)
+    model = models.for_bundle("preactresnet18", bundle, width=2)
+    history = train.fit(model, bundle, train.Recipe(epochs=1, batch_size=16), attack,
+                        attack.poison_indices(bundle.train_y, 0.1), progress=False)
+    assert len(history.loss) == 1 and torch.isfinite(torch.tensor(history.loss[0]))
+    out = attack.apply(bundle.test_x[:4].float() / 255)
+    assert out.shape == (4, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
