@@ -140,3 +140,18 @@ def test_fit_needs_attack_and_indices_together(smoke_data):
     m = models.for_bundle("preactresnet18", smoke_data, width=2)
     with pytest.raises(ValueError, match="both attack and poison_indices"):
         train.fit(m, smoke_data, train.Recipe(epochs=1), attacks.create("badnets"), None)
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_trigger_survives_the_zoo_round_trip(name, attack_results, smoke_setting, smoke_data, monkeypatch):
+    """A model loaded from the zoo comes with the same trigger (e.g. its trained generator), without retraining."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("the zoo entry should have been loaded, not retrained")
+
+    monkeypatch.setattr(pipeline, "fit", no_training)
+    first = attack_results[name]
+    again = train_attack(smoke_setting.with_attack(name, **attacks.ATTACKS.get(name).smoke_params), smoke_data,
+                         progress=False)
+    x = smoke_data.test_x[:8].float() / 255
+    assert torch.equal(first.attack.apply(x), again.attack.apply(x))
+    assert again.metrics == first.metrics
