@@ -40,15 +40,6 @@ BATCH = 512  # batched kernel
 LOADER_BATCH = 128  # conventional DataLoader
 
 
-def synthetic_cifar(n: int) -> TensorBundle:
-    """Random uint8 images shaped like CIFAR-10 (the speed does not depend on content)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return TensorBundle("synthetic-cifar", x, y, x[:1000], y[:1000], 10, (0.4914, 0.4822, 0.4465),
-                        (0.247, 0.243, 0.261), flip=True, crop_padding=4)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,7 +137,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    full = data.load("mnist5k", "cpu") if args.data == "mnist5k" else synthetic_cifar(50_000)
+    full = data.load("mnist5k", "cpu") if args.data == "mnist5k" else data.synthetic_cifar(50_000)
     preset = scales.get("smoke")
     smoke = full.subset(torch.arange(min(len(full.train_y), preset.train_limit)), preset.test_limit).to(device)
     idx = torch.arange(args.n) % len(full.train_y)

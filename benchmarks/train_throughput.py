@@ -29,14 +29,6 @@ from backdoorlab.data.bundle import TensorBundle
 from backdoorlab.train import Recipe, fit, resolve_device
 
 
-def synthetic_cifar(n: int) -> TensorBundle:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return TensorBundle("synthetic-cifar", x, y, x[:1000], y[:1000], 10, (0.4914, 0.4822, 0.4465),
-                        (0.247, 0.243, 0.261), flip=True, crop_padding=4)
-
-
 class PerSamplePoisonedDataset(torch.utils.data.Dataset):
     """The conventional way: poison and transform one PIL image at a time."""
 
@@ -115,7 +107,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = resolve_device(args.device)
-    bundle = data.load("mnist5k") if args.data == "mnist5k" else synthetic_cifar(args.n)
+    bundle = data.load("mnist5k") if args.data == "mnist5k" else data.synthetic_cifar(args.n)
     attack = attacks.create("badnets")
     poison = attack.poison_indices(bundle.train_y, 0.1, seed=0)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size)

@@ -177,3 +177,10 @@ def test_failed_download_names_the_folder(data_home, monkeypatch):
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="unknown dataset 'cifar11'.*cifar10.*mnist5k"):
         data.load("cifar11")
+
+
+def test_synthetic_cifar_is_seeded_and_cifar_shaped():
+    a = data.synthetic_cifar(64)
+    assert a.train_x.shape == (64, 3, 32, 32) and a.train_x.dtype == torch.uint8 and a.num_classes == 10
+    assert torch.equal(a.train_x, data.synthetic_cifar(64).train_x)
+    assert not torch.equal(a.train_x, data.synthetic_cifar(64, seed=1).train_x)

@@ -15,6 +15,7 @@ import torch
 from ..registry import Registry
 from .bundle import TensorBundle, augment, to_float
 from .mnist5k import load_mnist5k
+from .synthetic import synthetic_cifar
 from .real import DatasetNotAvailable, load_cifar10, load_cifar100, load_gtsrb, load_tiny_imagenet
 
 DATASETS: Registry[TensorBundle] = Registry("dataset")
@@ -66,4 +67,4 @@ def clean_subset(bundle: TensorBundle, ratio: float = 0.05, seed: int = 0) -> to
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
-__all__ = ["TensorBundle", "augment", "to_float", "load", "names", "num_classes", "image_shape", "check", "clean_subset", "DatasetNotAvailable", "DATASETS"]
+__all__ = ["TensorBundle", "augment", "to_float", "load", "names", "num_classes", "image_shape", "synthetic_cifar", "check", "clean_subset", "DatasetNotAvailable", "DATASETS"]
