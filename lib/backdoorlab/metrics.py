@@ -50,3 +50,30 @@ def rir(before: Mapping[str, float], after: Mapping[str, float]) -> float:
     d_ra = after["ra"] - before["ra"]
     d_acc = before["acc"] - after["acc"]
     return (max(0.0, d_ra) - max(0.0, d_acc) + 1) / 2
+
+
+def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positive`` (poisoned) samples: the
+    probability that a random positive outscores a random negative (ties count half)."""
+    scores, positive = scores.float().cpu(), positive.bool().cpu()
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    ranks = torch.empty_like(scores)
+    order = scores.argsort()
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float32)
+    # average ranks over ties
+    unique, inverse = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(unique)).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(unique)).index_add_(0, inverse, torch.ones_like(ranks))
+    ranks = (sums / counts)[inverse]
+    return float((ranks[positive].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def detection(scores: torch.Tensor, flagged: torch.Tensor, positive: torch.Tensor) -> dict[str, float]:
+    """TPR and FPR of a detector's decisions ``flagged`` and the AUC of its ``scores``
+    against the ground truth ``positive`` (poisoned)."""
+    flagged, positive = flagged.bool().cpu(), positive.bool().cpu()
+    tpr = float(flagged[positive].float().mean()) if positive.any() else float("nan")
+    fpr = float(flagged[~positive].float().mean()) if (~positive).any() else float("nan")
+    return {"tpr": tpr, "fpr": fpr, "auc": auc(scores, positive)}

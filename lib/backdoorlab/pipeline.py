@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, attacks, data, defenses, metrics, models, scales, zoo
+from . import __version__, attacks, data, defenses, detectors, metrics, models, scales, zoo
 from .attacks.base import Attack, check_pratio, index_hash
-from .data.bundle import TensorBundle
+from .data.bundle import TensorBundle, to_float
 from .train import Recipe, fit, resolve_device
 
 CLEAN = "none"  # the attack name of a clean (unpoisoned) model
@@ -132,10 +132,39 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
     return AttackResult(setting, model, attack, poison, record["metrics"], record, bundle, zoo.key(key))
 
 
+def poisoned_training_set(result: AttackResult, batch_size: int = 1024) -> tuple[TensorBundle, torch.Tensor]:
+    """The training set exactly as the victim received it (poisoned images stored as uint8,
+    poisoned labels), and the ground-truth mask of poisoned samples; for training-time
+    defenses and dataset detectors. Training-controlled attacks have no fixed poisoned set."""
+    attack, bundle = result.attack, result.data
+    if attack is None:
+        return bundle, torch.zeros(len(bundle.train_y), dtype=torch.bool, device=bundle.device)
+    if attack.controls_training:
+        raise ValueError(f"{attack.name} controls the victim's training, so there is no fixed poisoned training set "
+                         "for a training-time defense or a dataset detector; use a data-poisoning attack")
+    n = len(bundle.train_y)
+    mask = torch.zeros(n, dtype=torch.bool, device=bundle.device)
+    mask[result.poison_indices.to(bundle.device)] = True
+    attack.begin_training(result.model, bundle, None)
+    xs, ys = [], []
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size), device=bundle.device)
+        x, y = attack.training_batch(to_float(bundle.train_x[idx]), bundle.train_y[idx], mask[idx], idx,
+                                     bundle.num_classes)
+        xs.append(x.mul(255).round_().clamp_(0, 255).to(torch.uint8))
+        ys.append(y)
+    poisoned = dataclasses.replace(bundle, train_x=torch.cat(xs), train_y=torch.cat(ys),
+                                   meta={**bundle.meta, "poisoned_by": attack.name})
+    return poisoned, mask
+
+
 def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progress: bool = True,
            **params: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Purify an attacked model with ``defense`` on the defender's clean subset (cached
-    in the zoo); returns the purified model and its metrics row (with DER/RIR)."""
+    """Apply ``defense`` to an attacked setting (cached in the zoo); returns the defended
+    model and its metrics row (with DER/RIR against the undefended model).
+
+    A purification defense gets the attacked model and the defender's clean subset; a
+    training-time defense (ABL, DBD) trains a fresh model on the poisoned training set."""
     method = defenses.create(defense, **params)
     setting = result.setting
     clean_idx = data.clean_subset(result.data, clean_ratio, seed=setting.seed)
@@ -144,23 +173,59 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
            "defense": defense, "params": method.params(), "clean_ratio": clean_ratio,
            "clean_hash": index_hash(clean_idx), "version": __version__}
     label = f"{defense}-{setting.attack}-{setting.id}"
-    purified = models.clone(result.model)
+    defended = models.clone(result.model)
     if zoo.exists(label, key):
-        record = zoo.load(label, key, purified)
+        record = zoo.load(label, key, defended)
     else:
         start = time.perf_counter()
-        purified = method.purify(result.model, clean, scale=setting.scale, seed=setting.seed, progress=progress)
+        if method.kind == "training":
+            poisoned, _ = poisoned_training_set(result)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(setting.seed)
+                fresh = models.for_bundle(setting.model, result.data, setting.model_width).to(result.data.device)
+            defended = method.train(fresh, poisoned, scale=setting.scale, seed=setting.seed, progress=progress)
+        else:
+            defended = method.purify(result.model, clean, scale=setting.scale, seed=setting.seed, progress=progress)
         seconds = time.perf_counter() - start
-        record = {"metrics": metrics.evaluate(purified, result.data, result.attack), "seconds": seconds,
+        record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
                   "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
                   "environment": _environment(result.data.device)}
-        zoo.save(label, key, purified, record)
-    purified.eval()
+        zoo.save(label, key, defended, record)
+    defended.eval()
     row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"]}
     if result.attack is not None:
         row["der"] = metrics.der(result.metrics, record["metrics"])
         row["rir"] = metrics.rir(result.metrics, record["metrics"])
-    return purified, row
+    return defended, row
+
+
+def detect(result: AttackResult, detector: str, clean_ratio: float = 0.05, **params: Any) -> dict[str, Any]:
+    """Run a detector on an attacked setting and score it against the ground truth.
+
+    Dataset detectors (AC, Spectral) scan the poisoned training set with the attacked
+    model; input detectors (STRIP) score the clean test images and their triggered copies
+    (non-target classes). Returns a row with TPR, FPR, AUC and wall seconds."""
+    method = detectors.create(detector, **params)
+    setting, bundle = result.setting, result.data
+    if result.attack is None:
+        raise ValueError("detection needs an attacked setting (attack='none' has nothing to find)")
+    clean = bundle.subset(data.clean_subset(bundle, clean_ratio, seed=setting.seed))
+    start = time.perf_counter()
+    if method.kind == "dataset":
+        poisoned, truth = poisoned_training_set(result)
+        x, y = poisoned.train_x, poisoned.train_y
+    else:
+        keep = result.attack.test_mask(bundle.test_y)
+        benign = bundle.test_x[keep]
+        triggered = torch.cat([result.attack.apply(to_float(benign[i:i + 1024])) for i in range(0, len(benign), 1024)])
+        x = torch.cat([benign, triggered.mul(255).round_().clamp_(0, 255).to(torch.uint8)])
+        y = torch.cat([bundle.test_y[keep], result.attack.target_labels(bundle.test_y[keep], bundle.num_classes)])
+        truth = torch.cat([torch.zeros(len(benign), dtype=torch.bool), torch.ones(len(benign), dtype=torch.bool)])
+    scores = method.score(result.model, x, y, clean, seed=setting.seed)
+    flagged = method.flag(scores, y)
+    row = {"attack": setting.attack, "detector": detector, **metrics.detection(scores, flagged, truth),
+           "seconds": time.perf_counter() - start}
+    return row
 
 
 def _environment(device: Any) -> dict[str, Any]:

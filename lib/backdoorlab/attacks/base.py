@@ -47,6 +47,9 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     clean_label: ClassVar[bool] = False
+    # Training-controlled attacks (WaNet, Input-aware, LIRA, BppAttack, Blind) change how the victim
+    # trains, so there is no fixed poisoned dataset to hand a training-time defense or a data detector.
+    controls_training: ClassVar[bool] = False
     # Test-only parameters for attacks whose paper defaults cannot be learnt in the `smoke` preset's
     # 4 epochs on MNIST (each attack's docstring says why); the learning tests use them, nothing else does.
     smoke_params: ClassVar[dict] = {}

@@ -66,6 +66,7 @@ class Blind(Attack):
     history: int | None = None  # steps of history; None: HISTORY[scale]
 
     name = "blind"
+    controls_training = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

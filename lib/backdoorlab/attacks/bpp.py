@@ -52,6 +52,7 @@ class BppAttack(Attack):
     dithering: bool = False  # Floyd-Steinberg error diffusion
 
     name = "bpp"
+    controls_training = True
     # For tests at ``smoke`` scale only: 8 levels are not learnt on mnist5k (see above).
     smoke_params: ClassVar[dict] = {"squeeze_num": 2}
 

@@ -88,6 +88,7 @@ class InputAware(Attack):
     mask_epochs: int | None = None  # None: MASK_EPOCHS[scale]
 
     name = "inputaware"
+    controls_training = True
     # For tests at ``smoke`` scale only: fewer cross samples make 4 epochs enough.
     smoke_params: ClassVar[dict] = {"cross_ratio": 0.25}
 

@@ -67,6 +67,7 @@ class LIRA(Attack):
     lr_atk: float = 1e-4  # generator learning rate (Adam)
 
     name = "lira"
+    controls_training = True
     # For tests at ``smoke`` scale only: eps 0.01 is not learnt in 4 epochs.
     smoke_params: ClassVar[dict] = {"eps": 0.1}
 

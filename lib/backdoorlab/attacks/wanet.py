@@ -51,6 +51,7 @@ class WaNet(Attack):
     cross_ratio: float = 2.0  # noise-mode samples per poisoned sample (0 = none)
 
     name = "wanet"
+    controls_training = True
     # For tests at ``smoke`` scale only (4 epochs), where the defaults are not learnt (see above).
     smoke_params: ClassVar[dict] = {"s": 2.0, "cross_ratio": 0.0}
 

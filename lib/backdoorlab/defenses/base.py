@@ -1,9 +1,18 @@
-"""The ``Defense`` base class.
+"""The ``Defense`` base classes.
 
-``purify(model, clean)`` returns a purified copy of ``model`` (the input is never
-modified). ``clean`` is the defender's clean subset as a ``TensorBundle`` (5% of the
-training set by default, never the test set): a defense sees only what its threat
-model grants. Hyperparameters left as ``None`` take the scale preset's value.
+Two threat models, two entry points:
+
+- ``Defense.purify(model, clean)`` (post-training purification: FT, FP, NAD, ANP, ...)
+  returns a purified copy of a trained, possibly backdoored ``model`` (the input is
+  never modified). ``clean`` is the defender's clean subset as a ``TensorBundle``
+  (5% of the training set by default, never the test set).
+- ``TrainingDefense.train(model, poisoned)`` (training-time defenses: ABL, DBD) trains
+  the freshly initialised ``model`` on the whole *poisoned* training set, whose
+  poisoned samples the defender does not know.
+
+Hyperparameters left as ``None`` take the scale preset's value. Choices a defense
+makes (how many neurons to prune, which threshold) use only the defender's data;
+BackdoorBench's selection by *test* ASR (its issue #35) is never the default.
 """
 from __future__ import annotations
 
@@ -13,15 +22,45 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from .. import scales
 from ..data.bundle import TensorBundle
+from ..train import Recipe
 
 
 @dataclass
 class Defense:
     name: ClassVar[str] = "defense"
+    # "purification": needs a trained model and clean data; "training": trains on the poisoned set.
+    kind: ClassVar[str] = "purification"
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
-    def purify(self, model: nn.Module, clean: TensorBundle, *, scale: Any = None, seed: int = 0, progress: bool = True) -> nn.Module:
+    def recipe(self, scale: Any, epochs: int | None = None, lr: float = 0.01, batch_size: int | None = None,
+               **options: Any) -> Recipe:
+        """The fine-tuning recipe of a defense at ``scale``: BackdoorBench's SGD (momentum 0.9,
+        wd 5e-4, cosine) with the preset's defense epochs and batch size unless given."""
+        preset = scales.get(scale)
+        return Recipe(epochs=epochs or preset.defense_epochs, lr=lr,
+                      batch_size=batch_size or preset.defense_batch_size, **options)
+
+    def purify(self, model: nn.Module, clean: TensorBundle, *, scale: Any = None, seed: int = 0,
+               progress: bool = True) -> nn.Module:
         raise NotImplementedError
+
+
+@dataclass
+class TrainingDefense(Defense):
+    """A defense that controls training on the poisoned training set (ABL, DBD)."""
+
+    kind: ClassVar[str] = "training"
+
+    def train(self, model: nn.Module, poisoned: TensorBundle, *, scale: Any = None, seed: int = 0,
+              progress: bool = True) -> nn.Module:
+        """Train ``model`` (freshly initialised) on ``poisoned``, a bundle whose training split
+        holds the poisoned training set exactly as the victim received it."""
+        raise NotImplementedError
+
+    def purify(self, model: nn.Module, clean: TensorBundle, **kwargs: Any) -> nn.Module:
+        raise TypeError(f"{self.name} is a training-time defense: it trains on the poisoned set "
+                        "(pipeline.defend does this), it does not purify a trained model")

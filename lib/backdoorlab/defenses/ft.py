@@ -13,14 +13,13 @@ smaller batches to take enough steps).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from torch import nn
 
-from .. import scales
 from ..data.bundle import TensorBundle
-from ..train import Recipe, fit
+from ..models import clone
+from ..train import fit
 from . import register
 from .base import Defense
 
@@ -41,9 +40,7 @@ class FineTuning(Defense):
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
     def purify(self, model: nn.Module, clean: TensorBundle, *, scale=None, seed: int = 0, progress: bool = True) -> nn.Module:
-        preset = scales.get(scale)
-        recipe = Recipe(epochs=self.epochs or preset.defense_epochs, lr=self.lr,
-                        batch_size=self.batch_size or preset.defense_batch_size)
-        purified = copy.deepcopy(model)
-        fit(purified, clean, recipe, seed=seed, progress=progress, desc="ft")
+        purified = clone(model)
+        fit(purified, clean, self.recipe(scale, self.epochs, self.lr, self.batch_size), seed=seed, progress=progress,
+            desc="ft")
         return purified
