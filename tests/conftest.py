@@ -45,9 +45,16 @@ def attack_results(smoke_setting, smoke_data):
 
     # Attacks whose paper defaults 4 smoke epochs on MNIST cannot learn declare stronger, test-only
     # `smoke_params` (FTrojan/CTRL magnitude, WaNet s, BppAttack levels, LIRA eps, Input-aware cross ratio).
-    return {name: train_attack(smoke_setting.with_attack(name, **attacks.ATTACKS.get(name).smoke_params), smoke_data,
-                               progress=False)
+    return {name: train_attack(smoke_setting.with_attack(name, **smoke_params(name)), smoke_data, progress=False)
             for name in attacks.names()}
+
+
+def smoke_params(name: str) -> dict:
+    """An attack's parameters in the learning tests: its grayscale variant on mnist5k (if it needs colour)
+    and its test-only ``smoke_params``."""
+    from backdoorlab import attacks
+
+    return {**attacks.params_for(name, (1, 28, 28)), **attacks.ATTACKS.get(name).smoke_params}
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ def test_trigger_sits_on_the_diagonal_frequencies_of_the_whole_image(size):
 
 
 def test_apply_equals_the_literal_pipeline_on_grayscale_and_colour():
-    attack = attacks.create("ctrl")
-    for shape in [(4, 1, 28, 28), (4, 3, 32, 32)]:
+    for shape, channels in [((4, 1, 28, 28), (0,)), ((4, 3, 32, 32), (1, 2))]:
+        attack = attacks.create("ctrl", **attacks.params_for("ctrl", shape[1:]))
         x = torch.rand(shape)
-        assert torch.allclose(attack.apply(x), frequency_poison(x, (1, 2), (15, 31), 100, None), atol=1e-5)
+        assert torch.allclose(attack.apply(x), frequency_poison(x, channels, (15, 31), 100, None), atol=1e-5)
 
 
 def test_clean_label_switch(mnist):
@@ -34,10 +34,10 @@ def test_clean_label_switch(mnist):
     idx = clean.poison_indices(mnist.train_y, 0.05, seed=0)
     assert (mnist.train_y[idx] == 5).all()
     y = torch.tensor([1, 5])
-    assert torch.equal(clean.poison_batch(torch.rand(2, 1, 28, 28), y, torch.ones(2, dtype=torch.bool), 10)[1], y)
+    assert torch.equal(clean.poison_batch(torch.rand(2, 3, 28, 28), y, torch.ones(2, dtype=torch.bool), 10)[1], y)
     dirty = attacks.create("ctrl", target=5, use_clean_label=False)
     assert not dirty.clean_label and attacks.create("ctrl").clean_label  # the instance, not the class, switched
-    assert dirty.poison_batch(torch.rand(2, 1, 28, 28), y, torch.ones(2, dtype=torch.bool), 10)[1].tolist() == [5, 5]
+    assert dirty.poison_batch(torch.rand(2, 3, 28, 28), y, torch.ones(2, dtype=torch.bool), 10)[1].tolist() == [5, 5]
     assert len(set(mnist.train_y[dirty.poison_indices(mnist.train_y, 0.05, seed=0)].tolist())) == 10
     attacks.create("ctrl", use_clean_label=False, label_mode="all2all")
     with pytest.raises(ValueError, match="clean-label attack: only label_mode='all2one'"):

@@ -21,7 +21,7 @@ def test_dct_and_yuv_helpers_are_exact_inverses():
 
 @pytest.mark.parametrize("shape", [(4, 3, 32, 32), (4, 3, 64, 64), (4, 1, 28, 28)])
 def test_apply_equals_the_literal_yuv_dct_pipeline(shape):
-    attack = attacks.create("ftrojan")
+    attack = attacks.create("ftrojan", **attacks.params_for("ftrojan", shape[1:]))
     x = torch.rand(shape)
     expected = frequency_poison(x, attack.channels, attack.positions, attack.magnitude, attack.window)
     assert torch.allclose(attack.apply(x), expected, atol=1e-5)
@@ -41,7 +41,8 @@ def test_trigger_is_magnitude_at_the_positions_of_u_and_v_in_every_block():
 
 
 def test_grayscale_variant_puts_the_trigger_in_the_luma_with_rescaled_positions():
-    attack = attacks.create("ftrojan")
+    attack = attacks.create("ftrojan", channels=(0,))
+    assert attacks.params_for("ftrojan", (1, 28, 28)) == {"channels": (0,)} and attacks.params_for("ftrojan", (3, 32, 32)) == {}
     assert scaled_positions(attack.positions, 32, 28) == [(13, 13), (27, 27)]
     x = torch.full((1, 1, 28, 28), 0.5)
     diff = block_dct((attack.apply(x) - x).double(), 28) * 255
@@ -49,6 +50,15 @@ def test_grayscale_variant_puts_the_trigger_in_the_luma_with_rescaled_positions(
     expected[0, 0, 13, 13] = expected[0, 0, 27, 27] = 30
     assert torch.allclose(diff, expected, atol=1e-3)
     attack.validate(10, (1, 28, 28))
+
+
+@pytest.mark.parametrize("name", ["ftrojan", "ctrl"])
+def test_chroma_trigger_on_grayscale_data_is_refused_before_compute(name):
+    """The default trigger lives in U and V: grayscale data has no colour, so it is an error naming the fix."""
+    with pytest.raises(ValueError, match=r"need colour.*grayscale.*channels=\(0,\)"):
+        attacks.create(name).validate(10, (1, 28, 28))
+    with pytest.raises(ValueError, match="need colour"):
+        attacks.create(name).apply(torch.rand(2, 1, 28, 28))
 
 
 def test_ftrojan_is_dirty_label():

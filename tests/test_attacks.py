@@ -5,6 +5,12 @@ import torch
 from backdoorlab import attacks
 
 ALL = attacks.names()
+MNIST = (1, 28, 28)
+
+
+def on_mnist(name, **params):
+    """The attack with its defaults, adapted to one-channel mnist5k (FTrojan/CTRL: the luma variant)."""
+    return attacks.create(name, **{**attacks.params_for(name, MNIST), **params})
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,7 @@ def prepared(smoke_data):
     def get(name, **params):
         key = (name, tuple(sorted(params.items())))
         if key not in made:
-            attack = attacks.create(name, **params)
+            attack = on_mnist(name, **params)
             attack.prepare(smoke_data, scale="smoke", seed=0)
             made[key] = attack
         return made[key]
@@ -43,7 +49,7 @@ def test_same_seed_same_poisoned_batch(name, batch, smoke_data):
     x, y = batch
     outs = []
     for _ in range(2):
-        attack = attacks.create(name)
+        attack = on_mnist(name)
         attack.prepare(smoke_data, scale="smoke", seed=0)
         mask = torch.zeros(len(y), dtype=torch.bool)
         mask[attack.poison_indices(y, 0.1 if attack.clean_label else 0.25, seed=0)] = True

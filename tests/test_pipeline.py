@@ -6,6 +6,7 @@ import torch
 
 from backdoorlab import attacks, metrics, paths, pipeline, train, zoo
 from backdoorlab.pipeline import CLEAN, defend, train_attack
+from conftest import smoke_params
 
 # Per-attack learning bars at `smoke` scale: PreAct-ResNet18 width 8, 4 epochs on 2,000 mnist5k digits,
 # pratio 0.1, seed 0, on CPU; each set with margin below what was measured (closing note of issue 3).
@@ -150,7 +151,7 @@ def test_trigger_survives_the_zoo_round_trip(name, attack_results, smoke_setting
 
     monkeypatch.setattr(pipeline, "fit", no_training)
     first = attack_results[name]
-    again = train_attack(smoke_setting.with_attack(name, **attacks.ATTACKS.get(name).smoke_params), smoke_data,
+    again = train_attack(smoke_setting.with_attack(name, **smoke_params(name)), smoke_data,
                          progress=False)
     x = smoke_data.test_x[:8].float() / 255
     assert torch.equal(first.attack.apply(x), again.attack.apply(x))

@@ -35,4 +35,11 @@ def names() -> list[str]:
     return ATTACKS.names()
 
 
-__all__ = ["Attack", "ATTACKS", "create", "names", "register", "check_pratio", "index_hash", "LABEL_MODES"]
+def params_for(name: str, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The parameters that adapt attack ``name`` to images of ``image_shape`` ``(C, H, W)``:
+    on one-channel data, an attack that needs colour (FTrojan, CTRL) gets its documented
+    luma variant; otherwise nothing. The notebooks use this for ``attacks=["all"]``."""
+    return dict(ATTACKS.get(name).grayscale_params) if image_shape[0] == 1 else {}
+
+
+__all__ = ["Attack", "ATTACKS", "create", "names", "params_for", "register", "check_pratio", "index_hash", "LABEL_MODES"]

@@ -50,6 +50,9 @@ class Attack:
     # Training-controlled attacks (WaNet, Input-aware, LIRA, BppAttack, Blind) change how the victim
     # trains, so there is no fixed poisoned dataset to hand a training-time defense or a data detector.
     controls_training: ClassVar[bool] = False
+    # Attacks that need colour (a trigger in the chroma channels) name here the parameters of their
+    # documented one-channel variant; `validate` refuses grayscale data without them.
+    grayscale_params: ClassVar[dict] = {}
     # Test-only parameters for attacks whose paper defaults cannot be learnt in the `smoke` preset's
     # 4 epochs on MNIST (each attack's docstring says why); the learning tests use them, nothing else does.
     smoke_params: ClassVar[dict] = {}

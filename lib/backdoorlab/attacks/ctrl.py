@@ -22,8 +22,8 @@ and relabelled); target 0, all-to-one. BackdoorBench's CTRL yaml sets pratio 0.0
 pipeline's ``pratio`` decides here. Positions refer to a 32x32 window: on 28x28 MNIST
 they are rescaled to 13 and 27; on 64x64 they stay 15 and 31 (as in BackdoorBench).
 
-Grayscale: one-channel images have no U/V, so the trigger goes into the luma (the image
-itself), as for FTrojan (see ``frequency``).
+Grayscale: one-channel images have no U/V, so on them the default is refused with a clear
+error; ``channels=(0,)`` (the class's ``grayscale_params``) is the documented luma variant.
 
 >>> attack = CTRL()                          # clean-label: attack.clean_label is True
 >>> poisoned = attack.apply(images)

@@ -17,8 +17,10 @@ setting. When an image is smaller than that window the effective window is the i
 and positions are rescaled, ``p -> round(p * (w - 1) / (reference - 1))`` (on 28x28
 MNIST, 15 -> 13 and 31 -> 27: the same relative frequency). An int ``p`` means ``(p, p)``.
 
-One-channel images have no chroma: the trigger goes into the luma (the image itself),
-once per position, whatever ``channels`` says (a documented grayscale variant).
+One-channel images have no chroma, so the default ``channels=(1, 2)`` (U and V) needs
+colour and is refused on grayscale data. ``channels=(0,)`` (``grayscale_params``) puts
+the trigger into the luma, which on one-channel images is the image itself: a
+documented grayscale variant.
 """
 from __future__ import annotations
 
@@ -97,7 +99,9 @@ def impulses(channels, positions, magnitude: float, window: int | None, shape, d
     side = effective_window(window, h, w)
     z = torch.zeros(1, c, h, w, dtype=torch.float64)
     for r, col in scaled_positions(positions, window or 32, side):
-        for ch in ([0] if c == 1 else sorted(set(channels))):
+        if c == 1 and tuple(channels) != (0,):
+            raise ValueError(needs_colour(channels))
+        for ch in sorted(set(channels)):
             z[0, ch, r::side, col::side] += magnitude / 255.0
     return z.to(device, dtype), side
 
@@ -116,9 +120,16 @@ def frequency_pattern(channels, positions, magnitude: float, window: int | None,
     return yuv_to_rgb(block_idct(z, side)).to(dtype)
 
 
+def needs_colour(channels) -> str:
+    return (f"the trigger goes into YUV channels {tuple(channels)}, and U (1) / V (2) need colour, but the images "
+            "are grayscale (1 channel); pass channels=(0,) for the luma variant, or use a colour dataset")
+
+
 class FrequencyAttack(Attack):
     """Shared checks and kernel; subclasses declare ``channels``, ``positions``,
     ``magnitude`` and ``window`` as dataclass fields with their defaults."""
+
+    grayscale_params = {"channels": (0,)}
 
     def _check_frequency_params(self) -> None:
         for key in ("channels", "positions"):
@@ -144,6 +155,8 @@ class FrequencyAttack(Attack):
         if shape is not None:
             if shape[0] not in (1, 3):
                 raise ValueError(f"{self.name} needs RGB (3-channel) or grayscale (1-channel) images, got {shape[0]} channels")
+            if shape[0] == 1 and tuple(self.channels) != (0,):
+                raise ValueError(f"{self.name}: {needs_colour(self.channels)}")
             effective_window(self.window, shape[1], shape[2])
 
     def pattern(self, shape, device, dtype=torch.float32) -> torch.Tensor:

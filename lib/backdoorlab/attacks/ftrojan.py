@@ -21,9 +21,8 @@ Differences from BackdoorBench: it converts with OpenCV's YCrCb (chroma scaled b
 0.564 instead of 0.877 / 0.492) and rounds poisoned images to uint8; here the poisoned
 images stay float.
 
-Grayscale: one-channel images have no U/V, so the trigger goes into the luma (the image
-itself) with the same magnitude and positions: a documented grayscale variant, which
-lets the registry-wide tests run FTrojan on mnist5k.
+Grayscale: one-channel images have no U/V, so on them the default is refused with a clear
+error; ``channels=(0,)`` (the class's ``grayscale_params``) is the documented luma variant.
 
 >>> attack = FTrojan(magnitude=30)
 >>> poisoned = attack.apply(images)          # float[B, C, H, W] in [0, 1]
