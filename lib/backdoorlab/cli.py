@@ -1,7 +1,7 @@
 """``backdoorlab`` command line.
 
     backdoorlab reproduce [--scale default] [NOTEBOOK ...]   run paper notebooks with papermill
-    backdoorlab list                                         attacks, defenses, datasets, models, notebooks
+    backdoorlab list                                         attacks, defenses, detectors, datasets, models, notebooks
 """
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ def reproduce(names: list[str], scale: str, parameters: dict) -> list[Path]:
 
 
 def list_all() -> None:
-    from . import attacks, data, defenses, models
+    from . import attacks, data, defenses, detectors, models
 
     print("attacks: ", ", ".join(attacks.names()))
     print("defenses:", ", ".join(defenses.names()))
+    print("detectors:", ", ".join(detectors.names()))
     print("datasets:", ", ".join(data.names()))
     print("models:  ", ", ".join(models.names()))
     print("scales:  ", ", ".join(scales.SCALES))
