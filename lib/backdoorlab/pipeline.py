@@ -158,20 +158,42 @@ def poisoned_training_set(result: AttackResult, batch_size: int = 1024) -> tuple
     return poisoned, mask
 
 
+def uses_poisoned_set(defense: str | None = None, detector: str | None = None) -> bool:
+    """Whether a defense or detector works on the poisoned training set (ABL, DBD, EP; AC,
+    Spectral), which training-controlled attacks do not have."""
+    if detector is not None:
+        return detectors.DETECTORS.get(detector).kind == "dataset"
+    cls = defenses.DEFENSES.get(defense)
+    return cls.kind == "training" or cls.data_source == "poisoned_training_set"
+
+
+def applicable(result: AttackResult, defense: str | None = None, detector: str | None = None) -> bool:
+    """False where the method needs the poisoned training set and the attack controls training."""
+    return not (result.attack is not None and result.attack.controls_training
+                and uses_poisoned_set(defense, detector))
+
+
 def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progress: bool = True,
            **params: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Apply ``defense`` to an attacked setting (cached in the zoo); returns the defended
     model and its metrics row (with DER/RIR against the undefended model).
 
-    A purification defense gets the attacked model and the defender's clean subset; a
-    training-time defense (ABL, DBD) trains a fresh model on the poisoned training set."""
+    A purification defense gets the attacked model and the defender's clean subset (or, if
+    its ``data_source`` says so, the poisoned training set); a training-time defense (ABL,
+    DBD) trains a fresh model on the poisoned training set. Both of the latter are
+    undefined for training-controlled attacks (a clear error)."""
     method = defenses.create(defense, **params)
     setting = result.setting
     clean_idx = data.clean_subset(result.data, clean_ratio, seed=setting.seed)
     clean = result.data.subset(clean_idx)
+    needs_poisoned_set = uses_poisoned_set(defense)
+    if not applicable(result, defense):
+        raise ValueError(f"{defense} needs the poisoned training set, and {setting.attack} controls the victim's "
+                         "training, so there is none; use a data-poisoning attack")
     key = {"attacked_model": result.key,
            "defense": defense, "params": method.params(), "clean_ratio": clean_ratio,
-           "clean_hash": index_hash(clean_idx), "version": __version__}
+           "clean_hash": index_hash(clean_idx), "data_source": "poisoned" if needs_poisoned_set else "clean",
+           "version": __version__}
     label = f"{defense}-{setting.attack}-{setting.id}"
     defended = models.clone(result.model)
     if zoo.exists(label, key):
@@ -185,7 +207,8 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
                 fresh = models.for_bundle(setting.model, result.data, setting.model_width).to(result.data.device)
             defended = method.train(fresh, poisoned, scale=setting.scale, seed=setting.seed, progress=progress)
         else:
-            defended = method.purify(result.model, clean, scale=setting.scale, seed=setting.seed, progress=progress)
+            given = poisoned_training_set(result)[0] if needs_poisoned_set else clean
+            defended = method.purify(result.model, given, scale=setting.scale, seed=setting.seed, progress=progress)
         seconds = time.perf_counter() - start
         record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
                   "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},

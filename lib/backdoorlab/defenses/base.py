@@ -6,6 +6,8 @@ Two threat models, two entry points:
   returns a purified copy of a trained, possibly backdoored ``model`` (the input is
   never modified). ``clean`` is the defender's clean subset as a ``TensorBundle``
   (5% of the training set by default, never the test set).
+- A purification defense with ``data_source = "poisoned_training_set"`` (EP) gets the
+  training set the model was trained on, poisoned samples unidentified, instead.
 - ``TrainingDefense.train(model, poisoned)`` (training-time defenses: ABL, DBD) trains
   the freshly initialised ``model`` on the whole *poisoned* training set, whose
   poisoned samples the defender does not know.
@@ -32,6 +34,9 @@ class Defense:
     name: ClassVar[str] = "defense"
     # "purification": needs a trained model and clean data; "training": trains on the poisoned set.
     kind: ClassVar[str] = "purification"
+    # What `purify` is handed: "clean" (the defender's clean subset) or "poisoned_training_set" (the
+    # unlabelled-as-poisoned training set the model was trained on, e.g. EP's threat model).
+    data_source: ClassVar[str] = "clean"
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
