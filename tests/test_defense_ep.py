@@ -1,0 +1,49 @@
+"""EP (defenses/ep.py): entropy of standardised pre-activation maxima on the training set."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backdoorlab import defenses
+from backdoorlab.defenses import ep, masking
+from test_defense_masking import tiny_bundle, tiny_model
+
+
+def test_histogram_entropy():
+    n = 1000
+    spread = torch.arange(n, dtype=torch.float32).unsqueeze(0)  # one value per bin
+    assert torch.allclose(ep.histogram_entropy(spread, 1.0), torch.tensor([math.log(n)]), atol=1e-4)
+    two = torch.tensor([[0.0] * 500 + [10.0] * 500])
+    assert torch.allclose(ep.histogram_entropy(two, 1.0), torch.tensor([math.log(2)]), atol=1e-5)
+
+
+def test_a_bimodal_channel_has_low_entropy_and_is_pruned():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(20, 256, generator=g)
+    feats[7, :25] += 12  # 10% "poisoned" samples far out: after standardising the rest is compressed
+    z = (feats - feats.mean(1, keepdim=True)) / feats.std(1, keepdim=True)
+    scores = ep.histogram_entropy(z, 0.1)
+    assert scores.argmin() == 7
+    assert masking.outliers({"bn": scores}, 3, low=True)["bn"].nonzero().flatten().tolist() == [7]
+
+
+def test_purify_copies_prunes_and_declares_its_data():
+    model, bundle = tiny_model(), tiny_bundle(40)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = defenses.create("ep", u=0.5, samples=32)
+    purified = method.purify(model, bundle)
+    assert type(method).data_source == "poisoned_training_set"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert purified.state_dict().keys() == model.state_dict().keys()
+    zeroed = sum(int(((bn.weight == 0) & (bn.bias == 0)).sum()) for bn in masking.bn_layers(purified).values())
+    assert zeroed == method.selection["pruned"] > 0
+
+
+@pytest.mark.parametrize("params, match", [({"u": -1}, r"u must be in \[0, inf\]"),
+                                           ({"bin_width": 0}, r"bin_width must be in \(0, inf\]"),
+                                           ({"samples": 1}, "samples must be >= 2")])
+def test_bad_hyperparameters_raise(params, match):
+    with pytest.raises(ValueError, match=match):
+        defenses.create("ep", **params)
