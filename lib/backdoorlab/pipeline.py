@@ -244,7 +244,7 @@ def detect(result: AttackResult, detector: str, clean_ratio: float = 0.05, **par
         x = torch.cat([benign, triggered.mul(255).round_().clamp_(0, 255).to(torch.uint8)])
         y = torch.cat([bundle.test_y[keep], result.attack.target_labels(bundle.test_y[keep], bundle.num_classes)])
         truth = torch.cat([torch.zeros(len(benign), dtype=torch.bool), torch.ones(len(benign), dtype=torch.bool)])
-    scores = method.score(result.model, x, y, clean, seed=setting.seed)
+    scores = method.score(result.model, x, y, clean, seed=setting.seed, scale=setting.scale)
     flagged = method.flag(scores, y)
     row = {"attack": setting.attack, "detector": detector, **metrics.detection(scores, flagged, truth),
            "seconds": time.perf_counter() - start}

@@ -33,6 +33,8 @@ cluster)``: high for members of a small, well-separated cluster.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +136,7 @@ class ActivationClustering(Detector):
         return {"fraction": fraction, "smaller": smaller, "silhouette": sil}
 
     def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: TensorBundle | None = None, *,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, scale: Any = None) -> torch.Tensor:
         a = self.analyse(model, x, y, seed=seed)
         self.last_analysis_ = a
         return a["silhouette"].clamp_min(0) * (1 - a["fraction"])

@@ -32,7 +32,7 @@ class Detector:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: TensorBundle, *,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, scale: Any = None) -> torch.Tensor:
         """Suspicion scores ``float[N]`` for suspects ``x`` (uint8 images) with labels ``y``."""
         raise NotImplementedError
 

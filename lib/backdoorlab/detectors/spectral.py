@@ -24,6 +24,8 @@ projections, as in the paper); the dataset-wide AUC pools them across labels.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import math
 from dataclasses import dataclass
 
@@ -53,7 +55,7 @@ class SpectralSignatures(Detector):
                              f" (eps {self.eps})")
 
     def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: TensorBundle | None = None, *,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, scale: Any = None) -> torch.Tensor:
         reps = embeddings(model, x)
         scores = torch.zeros(len(x), device=reps.device)
         for _, idx in by_label(y.to(reps.device)):

@@ -22,7 +22,8 @@ too and stores the threshold on the detector (``threshold_``, in score units), s
 ``flag(scores, y)`` applies it; ``flag(..., clean_scores=...)`` refits it from given clean
 scores instead.
 
-Hyperparameters: ``n_overlays`` (N = 100 in the paper), ``alpha`` (blend weight of the
+Hyperparameters: ``n_overlays`` (N = 100 in the paper; ``None`` takes 100, or 20 at
+``smoke`` scale), ``alpha`` (blend weight of the
 suspect, 0.5), ``frr`` (1 %), ``chunk_images`` (images per forward pass; speed only).
 Deviation: the paper's code adds the two images (``cv2.addWeighted(.., 1, .., 1, 0)``);
 we average them, as its text describes, so pixels stay in [0, 1].
@@ -30,20 +31,24 @@ we average them, as its text describes, so pixels stay in [0, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import scales
 from ..data.bundle import TensorBundle, to_float
 from ..train import autocast
 from . import register
 from .base import Detector
 
+SMOKE_OVERLAYS = 20  # N at `smoke` scale (tests): 100 overlays of every test image take minutes on a CPU
+
 
 @register("strip")
 @dataclass
 class Strip(Detector):
-    n_overlays: int = 100
+    n_overlays: int | None = None  # None: the scale's (paper and default 100, smoke 20)
     alpha: float = 0.5
     frr: float = 0.01
     chunk_images: int = 256
@@ -53,7 +58,7 @@ class Strip(Detector):
     kind = "input"
 
     def __post_init__(self) -> None:
-        if self.n_overlays < 1:
+        if self.n_overlays is not None and self.n_overlays < 1:
             raise ValueError(f"n_overlays must be >= 1, got {self.n_overlays}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
@@ -82,14 +87,21 @@ class Strip(Detector):
         model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, device=x.device)
 
-    def clean_scores(self, model: nn.Module, clean: TensorBundle, *, seed: int = 0) -> torch.Tensor:
+    def overlays(self, scale: Any = None) -> int:
+        """N: the parameter, else 100 (the paper's), or 20 at ``smoke`` scale."""
+        if self.n_overlays is not None:
+            return self.n_overlays
+        return SMOKE_OVERLAYS if scales.get(scale).name == "smoke" else 100
+
+    def clean_scores(self, model: nn.Module, clean: TensorBundle, *, seed: int = 0,
+                     n_overlays: int | None = None) -> torch.Tensor:
         """STRIP scores of the defender's clean images, each blended with other clean images."""
         pool = clean.train_x
         n = len(pool)
         if n < 2:
             raise ValueError(f"STRIP needs at least 2 clean images, got {n}")
         gen = torch.Generator(device=pool.device).manual_seed(seed + 1)
-        picks = torch.randint(0, n - 1, (n, self.n_overlays), device=pool.device, generator=gen)
+        picks = torch.randint(0, n - 1, (n, n_overlays or self.overlays()), device=pool.device, generator=gen)
         picks += (picks >= torch.arange(n, device=pool.device)[:, None]).long()  # never the image itself
         return -self.entropies(model, pool, pool, picks)
 
@@ -100,13 +112,14 @@ class Strip(Detector):
         return float(-torch.distributions.Normal(mean, std).icdf(torch.tensor(self.frr)))
 
     def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, clean: TensorBundle, *,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, scale: Any = None) -> torch.Tensor:
         pool = clean.train_x
         if len(pool) < 1:
             raise ValueError("STRIP needs the defender's clean images to superimpose")
-        self.threshold_ = self.threshold(self.clean_scores(model, clean, seed=seed))
+        n_overlays = self.overlays(scale)
+        self.threshold_ = self.threshold(self.clean_scores(model, clean, seed=seed, n_overlays=n_overlays))
         gen = torch.Generator(device=pool.device).manual_seed(seed)
-        picks = torch.randint(0, len(pool), (len(x), self.n_overlays), device=pool.device, generator=gen)
+        picks = torch.randint(0, len(pool), (len(x), n_overlays), device=pool.device, generator=gen)
         return -self.entropies(model, x.to(pool.device), pool, picks)
 
     def flag(self, scores: torch.Tensor, y: torch.Tensor | None = None,
