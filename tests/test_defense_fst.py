@@ -1,0 +1,49 @@
+"""FST: head re-initialisation, the norm constraint and the defense's contract."""
+import pytest
+import torch
+from torch import nn
+
+from backdoorlab import data, defenses, models
+from backdoorlab.defenses.fst import head_name, reinitialise
+
+
+def tiny(name="preactresnet18"):
+    torch.manual_seed(0)
+    return models.create(name, 4, 1, width=4).eval()
+
+
+def bundle(n=24):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    y = torch.arange(n) % 4
+    return data.TensorBundle("tiny", x, y, x[:4].clone(), y[:4].clone(), 4, (0.5,), (0.25,))
+
+
+def test_head_is_found_for_both_architectures():
+    assert head_name(tiny()) == "linear"
+    assert head_name(tiny("vgg19_bn")) == "classifier"
+
+
+def test_reinitialise_is_uniform_in_the_fan_in_bound():
+    head = nn.Linear(16, 4)
+    old = head.weight.detach().clone()
+    reinitialise(head, torch.Generator().manual_seed(0))
+    assert not torch.equal(old, head.weight)
+    assert head.weight.abs().max() <= 1 / 4 and head.bias.abs().max() <= 1 / 4
+
+
+def test_purified_head_keeps_the_original_norm_and_moves_away():
+    model, b = tiny(), bundle()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = defenses.create("fst", epochs=2).purify(model, b, scale="smoke", progress=False)
+    assert out is not model and out.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.allclose(out.linear.weight.norm(), model.linear.weight.norm(), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(out.linear.weight.flatten(), model.linear.weight.flatten(), 0)
+    assert cos < 0.5
+
+
+@pytest.mark.parametrize("params,match", [({"epochs": 0}, ">= 1"), ({"lr": 0}, "> 0"), ({"alpha": -1}, ">= 0")])
+def test_bad_hyperparameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        defenses.create("fst", **params)
