@@ -37,14 +37,27 @@ def test_bad_setting_fails_before_compute(change, error, match):
 def test_unknown_defense_lists_choices():
     from backdoorlab import defenses
 
-    with pytest.raises(ValueError, match="unknown defense 'fine-tune'; valid choices: ft"):
+    with pytest.raises(ValueError, match="unknown defense 'fine-tune'; valid choices: abl, anp, .*ft, "):
         defenses.create("fine-tune")
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         defenses.create("ft", epochs=0)
 
 
-def test_unknown_defense_in_defend_fails_before_training(monkeypatch):
-    from backdoorlab import defenses
+def test_unknown_defense_or_detector_fails_before_training():
+    with pytest.raises(ValueError, match="unknown defense 'nad2'; valid choices: abl, "):
+        pipeline.defend(result=None, defense="nad2")  # checked before the result is touched
+    with pytest.raises(ValueError, match="unknown detector 'activation'; valid choices: ac, spectral, strip"):
+        pipeline.detect(result=None, detector="activation")
 
-    with pytest.raises(ValueError, match="valid choices: ft"):
-        pipeline.defend(result=None, defense="nad")  # checked before the result is touched
+
+def test_bad_defense_and_detector_parameters_name_the_valid_range():
+    from backdoorlab import defenses, detectors
+
+    with pytest.raises(ValueError, match=r"anp_eps must be in \[0, 1\]"):
+        defenses.create("anp", anp_eps=2)
+    with pytest.raises(ValueError, match=r"isolation_ratio must be in \(0, 1\)"):
+        defenses.create("abl", isolation_ratio=1.5)
+    with pytest.raises(TypeError, match="unknown parameter.*lamda.*valid parameters: "):
+        defenses.create("nc", lamda=0.1)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        detectors.create("strip", alpha=1.5)

@@ -2,20 +2,9 @@
 import pytest
 import torch
 
-from backdoorlab import data, defenses, models
+from backdoorlab import data, defenses
 from backdoorlab.defenses.btidbf import TinyGenerator, benign_feature_mask, masked, train_generator
-
-
-def tiny():
-    torch.manual_seed(0)
-    return models.create("preactresnet18", 4, 1, width=4).eval()
-
-
-def bundle(n=24):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
-    y = torch.arange(n) % 4
-    return data.TensorBundle("tiny", x, y, x[:4].clone(), y[:4].clone(), 4, (0.5,), (0.25,))
+from tiny import tiny_bundle as bundle, tiny_model as tiny
 
 
 def test_generator_starts_near_but_not_at_the_identity_and_stays_in_range():

@@ -3,25 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from backdoorlab import data, defenses, models
+from backdoorlab import defenses
 from backdoorlab.defenses.fst import head_name, reinitialise
-
-
-def tiny(name="preactresnet18"):
-    torch.manual_seed(0)
-    return models.create(name, 4, 1, width=4).eval()
-
-
-def bundle(n=24):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
-    y = torch.arange(n) % 4
-    return data.TensorBundle("tiny", x, y, x[:4].clone(), y[:4].clone(), 4, (0.5,), (0.25,))
+from tiny import tiny_bundle as bundle, tiny_model as tiny
 
 
 def test_head_is_found_for_both_architectures():
     assert head_name(tiny()) == "linear"
-    assert head_name(tiny("vgg19_bn")) == "classifier"
+    assert head_name(tiny(name="vgg19_bn")) == "classifier"
 
 
 def test_reinitialise_is_uniform_in_the_fan_in_bound():

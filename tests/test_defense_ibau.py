@@ -3,21 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backdoorlab import data, defenses, models
+from backdoorlab import defenses
 from backdoorlab.defenses.adversarial import pgd, project, universal_perturbation
 from backdoorlab.defenses.ibau import hypergradient_surrogate
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return models.create("preactresnet18", 4, 1, width=4).eval()
-
-
-def bundle(n=24):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
-    y = torch.arange(n) % 4
-    return data.TensorBundle("tiny", x, y, x[:4].clone(), y[:4].clone(), 4, (0.5,), (0.25,))
+from tiny import tiny_bundle as bundle, tiny_model as tiny
 
 
 def test_projection_keeps_the_ball():

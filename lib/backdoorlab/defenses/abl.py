@@ -28,7 +28,10 @@ take 20 % (at least 3: the poisoned samples must be learnt before isolation) and
 the scale's attack-training epochs for isolation and fine-tuning, and 20 unlearning
 epochs at every scale (the isolated set is 1 % of the data, so this is cheap; with fewer
 steps the ascent does not remove the backdoor at smoke scale); paper scale: 20/60/20,
-smoke: 3/2/20. Batch size ``None`` takes the scale's training batch size. The isolation phase uses lr
+smoke: 3/2/20. Batch size ``None`` takes the scale's training batch size at ``paper`` scale
+and 32 below it: at ``default`` scale (mnist5k, 4,000 images) three isolation epochs at batch
+128 leave the poisoned samples unlearnt (isolation precision 0.0, then ACC 0.30 / ASR 1.0),
+at batch 32 they are learnt first (precision 1.0; ACC 0.78 / ASR 0.31). The isolation phase uses lr
 ``lr_isolation = 0.01`` (BackdoorBench's ``lr``); schedules are cosine except the constant
 unlearning rate. Deviation: the phases run as separate ``fit`` calls, so momentum
 buffers restart at each phase.
@@ -79,6 +82,9 @@ def per_sample_loss(model: nn.Module, bundle: TensorBundle, batch_size: int = 10
         out.append(F.cross_entropy(logits, bundle.train_y[start:start + batch_size], reduction="none"))
     model.train(was_training)
     return torch.cat(out)
+
+
+SMALL_BATCH = 32  # ABL's batch below `paper` scale (see the module docstring)
 
 
 @register("abl")
@@ -133,7 +139,8 @@ class AntiBackdoorLearning(TrainingDefense):
         if n < 4:
             raise ValueError(f"ABL needs at least 4 training samples, got {n}")
         tuning, finetuning, unlearning = self.epochs(scale)
-        batch = self.batch_size or scales.get(scale).batch_size
+        preset = scales.get(scale)
+        batch = self.batch_size or (preset.batch_size if preset.name == "paper" else SMALL_BATCH)
         fit(model, poisoned, Recipe(tuning, batch, self.lr_isolation, weight_decay=self.weight_decay),
             seed=seed, loss_fn=lga_loss(self.gamma), progress=progress, desc="abl isolation")
         isolated = self.isolate(model, poisoned)
