@@ -13,7 +13,7 @@ from backdoorlab.pipeline import defend, detect, poisoned_training_set
 # ASR 0.998 under `make test`). Smoke defenses see 100 clean digits with a preset budget (FT: 3 epochs),
 # so a bar is what a weak budget achieves, set above the value measured under `make test` (in the comment).
 # `None`: the defense does not remove this backdoor at smoke scale (see NOT_AT_SMOKE); the test then checks
-# the documented behaviour: it runs, changes the model, keeps clean accuracy and does not raise the ASR.
+# the documented behaviour: it runs, returns a copy, keeps clean accuracy and does not raise the ASR.
 BARS: dict[str, tuple[float | None, float]] = {
     "ft": (0.8, 0.6),  # measured ASR 0.499, ACC 0.700
     "fp": (0.95, 0.75),  # 0.829, 0.874: pruning alone does nothing here, its fine-tuning does the work
@@ -33,7 +33,7 @@ BARS: dict[str, tuple[float | None, float]] = {
     "dbd": (0.45, 0.4),  # 0.171, 0.564
 }
 NOT_AT_SMOKE = {
-    "clp": "with 8-64 channels per layer, mean + 3 std is almost never exceeded: one channel is pruned",
+    "clp": "with 8-64 channels per layer, mean + 3 std is almost never exceeded: no channel is pruned",
     "bnp": "on the width-8, 4-epoch model the BN-statistics KL does not single out the backdoor channels "
            "(at `default` scale it removes BadNets: ASR 1.0 -> 0.0)",
     "mcr": "the fine-tuned end point stays close to the backdoored one, so the short curve keeps the backdoor",
@@ -63,12 +63,12 @@ def test_defense_lowers_asr_on_smoke_badnets(name, badnets):
     asr_bar, acc_floor = BARS[name]
     before = {k: v.clone() for k, v in badnets.model.state_dict().items()}
     defended, row = defend(badnets, name, progress=False)
+    assert defended is not badnets.model
     assert all(torch.equal(before[k], v) for k, v in badnets.model.state_dict().items()), "the input model changed"
     assert set(defended.state_dict()) == set(before), "a defended model keeps the attacked model's state-dict keys"
     if asr_bar is None:
         assert name in NOT_AT_SMOKE, f"{name}: say why it has no ASR bar"
         assert row["asr"] <= badnets.metrics["asr"] + 0.01, f"{name} raised the ASR"
-        assert any(not torch.equal(before[k], v) for k, v in defended.state_dict().items()), f"{name} changed nothing"
     else:
         assert row["asr"] <= asr_bar, f"{name}: ASR {row['asr']:.3f} above its bar {asr_bar}"
     assert row["acc"] >= acc_floor, f"{name}: ACC {row['acc']:.3f} below its floor {acc_floor}"
