@@ -71,7 +71,7 @@ def test_purify_returns_a_new_model_with_the_same_keys():
 
 @pytest.mark.parametrize("params,match", [({"n_rounds": 0}, ">= 1"), ({"K": 0}, ">= 1"), ({"lr": 0}, "> 0"),
                                           ({"portion": 1.5}, r"\[0, 1\]"), ({"norm": "l1"}, "valid choices"),
-                                          ({"eps": -1.0}, "> 0")])
+                                          ({"eps": -1.0}, "> 0"), ({"optimizer": "rmsprop"}, "sgd, adam")])
 def test_bad_hyperparameters(params, match):
     with pytest.raises(ValueError, match=match):
         defenses.create("ibau", **params)

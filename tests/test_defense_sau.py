@@ -47,7 +47,7 @@ def test_purify_returns_a_new_model_and_keeps_the_input():
 
 @pytest.mark.parametrize("params,match", [({"n_rounds": 0}, ">= 1"), ({"lr": 0}, "> 0"), ({"adv_steps": 0}, ">= 1"),
                                           ({"pgd_init": "x"}, "valid choices"), ({"beta1": -1}, ">= 0"),
-                                          ({"trigger_norm": 0}, "> 0")])
+                                          ({"trigger_norm": 0}, "> 0"), ({"optimizer": "rmsprop"}, "sgd, adam")])
 def test_bad_hyperparameters(params, match):
     with pytest.raises(ValueError, match=match):
         defenses.create("sau", **params)

@@ -24,8 +24,8 @@ BARS: dict[str, tuple[float | None, float]] = {
     "clp": (None, 0.85),  # 0.998, 0.938
     "ep": (0.7, 0.8),  # 0.406, 0.898 (on the poisoned training set)
     "bnp": (None, 0.85),  # 0.980, 0.932
-    "ibau": (0.2, 0.6),  # 0.000, 0.820
-    "sau": (0.2, 0.4),  # 0.000, 0.506
+    "ibau": (0.2, 0.6),  # 0.004, 0.818 (Adam lr 1e-4, 20 rounds)
+    "sau": (0.35, 0.55),  # 0.195, 0.716 (Adam lr 1e-4: 9 steps at smoke)
     "fst": (0.5, 0.5),  # 0.000, 0.638
     "btidbf": (0.3, 0.6),  # 0.060, 0.820
     "mcr": (None, 0.85),  # 0.996, 0.926

@@ -130,6 +130,24 @@ def test_fit_needs_attack_and_indices_together(smoke_data):
         train.fit(m, smoke_data, train.Recipe(epochs=1), attacks.create("badnets"), None)
 
 
+def test_recipe_optimizer_choice():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(train.Recipe(epochs=1).make_optimizer(params), torch.optim.SGD)
+    adam = train.Recipe(epochs=1, lr=1e-3, weight_decay=0.0, optimizer="adam").make_optimizer(params)
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'; valid choices: sgd, adam"):
+        train.Recipe(epochs=1, optimizer="lbfgs")
+
+
+def test_fit_with_adam_lowers_the_loss(smoke_data):
+    from backdoorlab import models
+
+    torch.manual_seed(0)
+    m = models.for_bundle("preactresnet18", smoke_data, width=4)
+    history = train.fit(m, smoke_data, train.Recipe(epochs=2, lr=1e-3, optimizer="adam", augment=False), progress=False)
+    assert history.loss[1] < history.loss[0]
+
+
 @pytest.mark.parametrize("name", attacks.names())
 def test_trigger_survives_the_zoo_round_trip(name, attack_results, smoke_setting, smoke_data, monkeypatch):
     """A model loaded from the zoo comes with the same trigger (e.g. its trained generator), without retraining."""

@@ -2,12 +2,13 @@
 
 Data stay on the device as uint8; each step gathers a batch, converts it to [0, 1],
 poisons the chosen samples in one tensor op, augments on the device (random crop
-with padding, flip where the dataset uses it) and takes an SGD step. On CUDA it uses
+with padding, flip where the dataset uses it) and takes an optimiser step. On CUDA it uses
 bf16 autocast and channels_last. Loss and accuracy are accumulated on the device and
 read once per epoch, so there is no host sync per step.
 
 BackdoorBench's recipe is the default: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
-batch 128, cosine annealing over the epochs.
+batch 128, cosine annealing over the epochs; ``Recipe(optimizer="adam")`` gives Adam
+(i-BAU and SAU use it, as in BackdoorBench).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .data.bundle import TensorBundle, augment, to_float
 from .losses import cross_entropy
 
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("sgd", "adam")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
@@ -36,6 +38,8 @@ class Recipe:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     augment: bool = True
+    optimizer: str = "sgd"  # "adam" ignores momentum (betas 0.9/0.999), as i-BAU and SAU use
+
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -44,6 +48,16 @@ class Recipe:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The recipe's optimiser over ``params`` (fused kernels on CUDA)."""
+        params = list(params)
+        fused = {"fused": True} if params and params[0].is_cuda else {}
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, **fused)
 
 
 @dataclass
@@ -112,9 +126,7 @@ def fit(
     if poison_indices is not None:
         poisoned[poison_indices.to(device)] = True
 
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay, **fused)
+    optimizer = recipe.make_optimizer(model.parameters())
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
                  if recipe.schedule == "cosine" else None)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -30,11 +30,12 @@ epochs over the clean data (the scale preset's defense epochs below ``paper``);
 ``beta1`` 0.01, ``beta2`` 1; ``lmd1`` 1, ``lmd2`` 0, ``lmd3`` 1; outer_steps 1;
 Adam lr 1e-4.
 
-Deviations: the minimisation goes through ``train.fit`` (SGD momentum 0.9, wd 5e-4,
-cosine, no augmentation as BackdoorBench's SAU loader); ``lr`` 5e-4 replaces Adam 1e-4
-(not available in ``train.Recipe``): with BN in eval mode, SGD diverges (NaN) at lr 1e-2
-even for plain cross-entropy on the smoke model and collapses at 3e-3, while 2e-4 leaves
-the backdoor half in place after 3 epochs; ``outer_steps`` > 1 is not supported (fit takes one
+The minimisation goes through ``train.fit`` with BackdoorBench's Adam lr 1e-4 (wd 0,
+our trainer's cosine schedule, no augmentation as BackdoorBench's SAU loader). With ``optimizer="sgd"``
+the step must stay small: with BN in eval mode, SGD diverges (NaN) at lr 1e-2 even for
+plain cross-entropy on the smoke model and collapses at 3e-3.
+
+Deviations: ``outer_steps`` > 1 is not supported (fit takes one
 step per batch); PGD runs all ``adv_steps`` (BackdoorBench stops early once every sample
 is a shared adversarial example, where the gradient is zero and the steps change
 nothing); perturbations live in pixel space, unclipped, like BackdoorBench's.
@@ -51,7 +52,7 @@ from torch import nn
 
 from ..data.bundle import TensorBundle
 from ..models import clone
-from ..train import fit
+from ..train import OPTIMIZERS, fit
 from . import register
 from .adversarial import pgd
 from .base import Defense
@@ -115,7 +116,8 @@ def shared_unlearning_loss(logits_adv: torch.Tensor, adv_label_ref: torch.Tensor
 @dataclass
 class SAU(Defense):
     n_rounds: int | None = None
-    lr: float = 5e-4
+    lr: float = 1e-4
+    optimizer: str = "adam"
     batch_size: int | None = None
     trigger_norm: float = 0.2
     adv_lr: float = 0.2
@@ -140,6 +142,8 @@ class SAU(Defense):
             raise ValueError(f"adv_steps must be >= 1, got {self.adv_steps}")
         if self.pgd_init not in INITS:
             raise ValueError(f"unknown pgd_init {self.pgd_init!r}; valid choices: {', '.join(INITS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
         for name in ("beta1", "beta2", "lmd1", "lmd2", "lmd3"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -170,7 +174,8 @@ class SAU(Defense):
                progress: bool = True) -> nn.Module:
         purified = clone(model)
         reference = clone(model).eval().requires_grad_(False)
-        recipe = self.recipe(scale, self.n_rounds, self.lr, self.batch_size, augment=False)
+        recipe = self.recipe(scale, self.n_rounds, self.lr, self.batch_size, augment=False, optimizer=self.optimizer,
+                             weight_decay=0.0)
         gen = torch.Generator(device=clean.device).manual_seed(seed)
         fit(purified, clean, recipe, seed=seed, loss_fn=self.loss_fn(reference, gen), progress=progress, desc="sau")
         purified.eval()
