@@ -195,7 +195,7 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
            "clean_hash": index_hash(clean_idx), "data_source": "poisoned" if needs_poisoned_set else "clean",
            "version": __version__}
     label = f"{defense}-{setting.attack}-{setting.id}"
-    defended = models.clone(result.model)
+    defended = method.module_for(result.model)
     if zoo.exists(label, key):
         record = zoo.load(label, key, defended)
     else:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import scales
 from ..data.bundle import TensorBundle
+from ..models import clone
 from ..train import Recipe
 
 
@@ -48,6 +49,12 @@ class Defense:
         preset = scales.get(scale)
         return Recipe(epochs=epochs or preset.defense_epochs, lr=lr,
                       batch_size=batch_size or preset.defense_batch_size, **options)
+
+    def module_for(self, model: nn.Module) -> nn.Module:
+        """An untrained module with the structure this defense returns for ``model`` (a saved
+        result loads into it). Most defenses keep the structure: a copy of ``model``; one that
+        inserts a layer (NPD's polarizer) inserts it here too."""
+        return clone(model)
 
     def purify(self, model: nn.Module, clean: TensorBundle, *, scale: Any = None, seed: int = 0,
                progress: bool = True) -> nn.Module:
