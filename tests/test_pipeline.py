@@ -135,6 +135,8 @@ def test_recipe_optimizer_choice():
     assert isinstance(train.Recipe(epochs=1).make_optimizer(params), torch.optim.SGD)
     adam = train.Recipe(epochs=1, lr=1e-3, weight_decay=0.0, optimizer="adam").make_optimizer(params)
     assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
+    assert "optimizer" not in train.Recipe(epochs=1).key()  # zoo keys from before the choice stay valid
+    assert train.Recipe(epochs=1, optimizer="adam").key()["optimizer"] == "adam"
     with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'; valid choices: sgd, adam"):
         train.Recipe(epochs=1, optimizer="lbfgs")
 

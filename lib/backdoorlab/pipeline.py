@@ -108,7 +108,7 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
         attack.prepare(bundle, scale=setting.scale, seed=setting.seed, progress=progress)
     recipe = attack_recipe(setting)
     key = {**dataclasses.asdict(setting), "width": setting.model_width,
-           "attack_params": attack.params() if attack else {}, "recipe": dataclasses.asdict(recipe),
+           "attack_params": attack.params() if attack else {}, "recipe": recipe.key(),
            "n_train": len(bundle.train_y), "n_test": len(bundle.test_y), "version": __version__}
     label = f"{setting.attack}-{setting.id}"
     with torch.random.fork_rng(devices=[]):

@@ -13,6 +13,7 @@ batch 128, cosine annealing over the epochs; ``Recipe(optimizer="adam")`` gives 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,6 +51,14 @@ class Recipe:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+
+    def key(self) -> dict[str, Any]:
+        """The fields a zoo key records. ``optimizer`` came after the first zoo entries; at
+        its default (SGD) it is left out, so those entries keep their keys."""
+        fields = dataclasses.asdict(self)
+        if fields["optimizer"] == "sgd":
+            del fields["optimizer"]
+        return fields
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """The recipe's optimiser over ``params`` (fused kernels on CUDA)."""

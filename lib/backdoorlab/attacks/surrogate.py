@@ -25,7 +25,7 @@ def clean_surrogate(data: TensorBundle, *, scale: Any = None, seed: int = 0, mod
     width = width or preset.width
     recipe = Recipe(epochs=preset.attack_epochs(data.name), batch_size=preset.batch_size)
     key = {"role": "surrogate", "dataset": data.name, "model": model, "width": width, "seed": seed,
-           "recipe": dataclasses.asdict(recipe), "n_train": len(data.train_y), "version": __version__}
+           "recipe": recipe.key(), "n_train": len(data.train_y), "version": __version__}
     label = f"surrogate-{data.name}-{model}-w{width}-s{seed}-{preset.name}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
