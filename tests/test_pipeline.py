@@ -141,6 +141,17 @@ def test_recipe_optimizer_choice():
         train.Recipe(epochs=1, optimizer="lbfgs")
 
 
+def test_mixing_setting_is_checked_and_keeps_old_keys():
+    plain = pipeline.Setting(attack="badnets")
+    assert "mixing" not in plain.key() and plain.id.endswith("-default")
+    mixed = pipeline.Setting(attack="badnets", mixing="fmix").validate()
+    assert mixed.key()["mixing"] == "fmix" and mixed.id.endswith("-default-fmix")
+    with pytest.raises(ValueError, match="unknown mixing 'fmx'; valid choices: none, mixup, cutmix, fmix"):
+        pipeline.Setting(attack="badnets", mixing="fmx").validate()
+    with pytest.raises(ValueError, match="controls the victim's training"):
+        pipeline.Setting(attack="wanet", mixing="mixup").validate()
+
+
 def test_fit_with_adam_lowers_the_loss(smoke_data):
     from backdoorlab import models
 

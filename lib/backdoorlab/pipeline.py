@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, attacks, data, defenses, detectors, metrics, models, scales, zoo
+from . import __version__, attacks, data, defenses, detectors, metrics, mixing, models, scales, zoo
 from .attacks.base import Attack, check_pratio, index_hash
 from .data.bundle import TensorBundle, to_float
 from .train import Recipe, fit, resolve_device
@@ -38,6 +38,7 @@ class Setting:
     target: int = 0
     seed: int = 0
     scale: str = "default"
+    mixing: str = "none"  # training augmentation: none | mixup | cutmix | fmix (backdoorlab.mixing)
 
     @property
     def preset(self) -> scales.Scale:
@@ -49,8 +50,18 @@ class Setting:
 
     @property
     def id(self) -> str:
-        """Readable run-folder name, e.g. ``mnist5k-preactresnet18-w16-p0.1-s0-default``."""
-        return f"{self.dataset}-{self.model}-w{self.model_width}-p{self.pratio:g}-s{self.seed}-{self.scale}"
+        """Readable run-folder name, e.g. ``mnist5k-preactresnet18-w16-p0.1-s0-default`` (with a
+        ``-fmix`` style suffix when training mixes samples)."""
+        mixed = "" if self.mixing == "none" else f"-{self.mixing}"
+        return f"{self.dataset}-{self.model}-w{self.model_width}-p{self.pratio:g}-s{self.seed}-{self.scale}{mixed}"
+
+    def key(self) -> dict[str, Any]:
+        """The fields a zoo key records; ``mixing`` came after the first zoo entries and is
+        left out at its default, so those entries keep their keys."""
+        fields = {**dataclasses.asdict(self), "width": self.model_width}
+        if fields["mixing"] == "none":
+            del fields["mixing"]
+        return fields
 
     def make_attack(self) -> Attack | None:
         if self.attack == CLEAN:
@@ -63,9 +74,14 @@ class Setting:
         data.check(self.dataset)
         models.check(self.model, self.model_width)
         check_pratio(self.pratio)
+        if self.mixing not in ("none", *mixing.METHODS):
+            raise ValueError(f"unknown mixing {self.mixing!r}; valid choices: none, {', '.join(mixing.METHODS)}")
         if self.attack != CLEAN:
             attack = self.make_attack()
             attack.validate(data.num_classes(self.dataset), data.image_shape(self.dataset))
+            if self.mixing != "none" and attack.controls_training:
+                raise ValueError(f"{self.attack} controls the victim's training (its own loss), so mixing="
+                                 f"{self.mixing!r} cannot be applied; use mixing='none' or a data-poisoning attack")
         return self
 
     def with_attack(self, attack: str, **params: Any) -> "Setting":
@@ -107,7 +123,7 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
     if attack is not None:
         attack.prepare(bundle, scale=setting.scale, seed=setting.seed, progress=progress)
     recipe = attack_recipe(setting)
-    key = {**dataclasses.asdict(setting), "width": setting.model_width,
+    key = {**setting.key(),
            "attack_params": attack.params() if attack else {}, "recipe": recipe.key(),
            "n_train": len(bundle.train_y), "n_test": len(bundle.test_y), "version": __version__}
     label = f"{setting.attack}-{setting.id}"
@@ -119,7 +135,8 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
         if attack is not None:
             attack.load_state_tensors(zoo.load_tensors(label, key, "attack", str(bundle.device)))
     else:
-        history = fit(model, bundle, recipe, attack, poison if attack else None, seed=setting.seed,
+        mixed = None if setting.mixing == "none" else mixing.loss_fn(setting.mixing, seed=setting.seed)
+        history = fit(model, bundle, recipe, attack, poison if attack else None, seed=setting.seed, loss_fn=mixed,
                       progress=progress, desc=f"{setting.attack} {setting.id}")
         record = {
             "metrics": metrics.evaluate(model, bundle, attack),
