@@ -7,7 +7,7 @@ import torch
 
 from backdoorlab import defenses, detectors, metrics, models
 from backdoorlab.defenses.base import Defense, TrainingDefense
-from backdoorlab.pipeline import defend, detect, poisoned_training_set
+from backdoorlab.pipeline import defend, defense_rows, detect, poisoned_training_set
 
 # defense -> (ASR bar, ACC floor) on the smoke BadNets model (mnist5k, width 8, 4 epochs: ACC 0.938,
 # ASR 0.998 under `make test`). Smoke defenses see 100 clean digits with a preset budget (FT: 3 epochs),
@@ -135,3 +135,14 @@ def test_pruning_tools_write_into_weights():
     assert (state["layer4.1.bn2.weight"][1] != 0).all() and (state["linear.weight"][:, 1] == 0).all()
     with pytest.raises(TypeError, match="cannot prune"):
         tools.zero_channels(model, "layer4", [0])
+
+
+def test_defense_rows_checks_first_and_skips_undefined_pairs(attack_results):
+    attacked = {"badnets": attack_results["badnets"], "wanet": attack_results["wanet"]}
+    with pytest.raises(ValueError, match="valid choices"):
+        defense_rows(attacked, ["ft", "nope"])
+    with pytest.raises(ValueError, match="not run"):
+        defense_rows(attacked, ["ft"], params={"fp": {}})
+    rows, skipped = defense_rows(attacked, ["ft", "ep"], progress=False)
+    assert skipped == [("wanet", "ep")]  # EP needs the poisoned training set, which WaNet does not have
+    assert [(r["attack"], r["defense"]) for r in rows] == [("badnets", "ft"), ("badnets", "ep"), ("wanet", "ft")]

@@ -41,3 +41,18 @@ def trigger_gallery(attacks: Mapping[str, Attack], images: torch.Tensor, amplify
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def der_heatmap(table, title: str = "", value: str = "der"):
+    """DER (or another column) for every attack (rows) x defense (columns) of a metrics
+    table with ``attack``/``defense`` columns; 0.5 (no change) to 1 (backdoor gone at no
+    accuracy cost). Returns the figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    grid = table.pivot_table(index="attack", columns="defense", values=value)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * grid.shape[1], 1.0 + 0.35 * grid.shape[0]))
+    sns.heatmap(grid, annot=grid.shape[1] <= 24, fmt=".2f", vmin=0.5 if value == "der" else 0.0, vmax=1.0,
+                cmap="viridis", cbar_kws={"label": value.upper()}, ax=ax, annot_kws={"fontsize": 7})
+    ax.set_title(title or f"{value.upper()} per attack and defense")
+    return fig

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -237,6 +237,28 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
         row["der"] = metrics.der(result.metrics, record["metrics"])
         row["rir"] = metrics.rir(result.metrics, record["metrics"])
     return defended, row
+
+
+def defense_rows(attacked: Mapping[str, AttackResult], names: Sequence[str], clean_ratio: float = 0.05,
+                 params: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True
+                 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Every defense in ``names`` against every attacked model (``{attack: result}``),
+    with per-defense ``params``; returns the metric rows and the (attack, defense) pairs
+    skipped because they are not defined (``applicable``)."""
+    params = params or {}
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ValueError(f"params name defenses that are not run: {unknown}; defenses: {list(names)}")
+    for name in names:
+        defenses.create(name, **params.get(name, {}))  # bad names and values fail before any compute
+    rows, skipped = [], []
+    for attack, result in attacked.items():
+        for name in names:
+            if not applicable(result, name):
+                skipped.append((attack, name))
+                continue
+            rows.append(defend(result, name, clean_ratio=clean_ratio, progress=progress, **params.get(name, {}))[1])
+    return rows, skipped
 
 
 def detect(result: AttackResult, detector: str, clean_ratio: float = 0.05, **params: Any) -> dict[str, Any]:
