@@ -184,3 +184,13 @@ def test_synthetic_cifar_is_seeded_and_cifar_shaped():
     assert a.train_x.shape == (64, 3, 32, 32) and a.train_x.dtype == torch.uint8 and a.num_classes == 10
     assert torch.equal(a.train_x, data.synthetic_cifar(64).train_x)
     assert not torch.equal(a.train_x, data.synthetic_cifar(64, seed=1).train_x)
+
+
+def test_clean_subset_per_class_is_class_balanced(mnist):
+    for k in (1, 3):
+        idx = data.clean_subset(mnist, seed=0, per_class=k)
+        counts = torch.bincount(mnist.train_y[idx], minlength=mnist.num_classes)
+        assert torch.all(counts == k) and len(idx.unique()) == len(idx)
+    assert not torch.equal(data.clean_subset(mnist, per_class=1, seed=0), data.clean_subset(mnist, per_class=1, seed=1))
+    with pytest.raises(ValueError, match="per_class must be in"):
+        data.clean_subset(mnist, per_class=0)

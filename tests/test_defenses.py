@@ -146,3 +146,10 @@ def test_defense_rows_checks_first_and_skips_undefined_pairs(attack_results):
     rows, skipped = defense_rows(attacked, ["ft", "ep"], progress=False)
     assert skipped == [("wanet", "ep")]  # EP needs the poisoned training set, which WaNet does not have
     assert [(r["attack"], r["defense"]) for r in rows] == [("badnets", "ft"), ("badnets", "ep"), ("wanet", "ft")]
+
+
+def test_defend_with_one_clean_sample_per_class(badnets):
+    _, row = defend(badnets, "ft", clean_per_class=1, progress=False)
+    assert row["clean_samples"] == badnets.data.num_classes
+    _, usual = defend(badnets, "ft", progress=False)
+    assert usual["clean_samples"] == int(len(badnets.data.train_y) * 0.05)

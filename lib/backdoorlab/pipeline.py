@@ -191,17 +191,18 @@ def applicable(result: AttackResult, defense: str | None = None, detector: str |
 
 
 def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progress: bool = True,
-           **params: Any) -> tuple[nn.Module, dict[str, Any]]:
+           clean_per_class: int | None = None, **params: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Apply ``defense`` to an attacked setting (cached in the zoo); returns the defended
     model and its metrics row (with DER/RIR against the undefended model).
 
     A purification defense gets the attacked model and the defender's clean subset (or, if
     its ``data_source`` says so, the poisoned training set); a training-time defense (ABL,
     DBD) trains a fresh model on the poisoned training set. Both of the latter are
-    undefined for training-controlled attacks (a clear error)."""
+    undefined for training-controlled attacks (a clear error). ``clean_per_class`` replaces
+    the random ``clean_ratio`` subset by that many clean samples of every class."""
     method = defenses.create(defense, **params)
     setting = result.setting
-    clean_idx = data.clean_subset(result.data, clean_ratio, seed=setting.seed)
+    clean_idx = data.clean_subset(result.data, clean_ratio, seed=setting.seed, per_class=clean_per_class)
     clean = result.data.subset(clean_idx)
     needs_poisoned_set = uses_poisoned_set(defense)
     if not applicable(result, defense):
@@ -232,7 +233,8 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
                   "environment": _environment(result.data.device)}
         zoo.save(label, key, defended, record)
     defended.eval()
-    row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"]}
+    row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"],
+           "clean_samples": record["clean"]["count"]}
     if result.attack is not None:
         row["der"] = metrics.der(result.metrics, record["metrics"])
         row["rir"] = metrics.rir(result.metrics, record["metrics"])

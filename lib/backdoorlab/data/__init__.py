@@ -56,14 +56,26 @@ def load(name: str, device: Any = "cpu", **options: Any) -> TensorBundle:
     return DATASETS.create(name, **options).to(device)
 
 
-def clean_subset(bundle: TensorBundle, ratio: float = 0.05, seed: int = 0) -> torch.Tensor:
-    """Indices of the defender's clean subset: ``int(N * ratio)`` training samples drawn
-    at random (BackdoorBench's ``choose_index``), never from the test set."""
+def clean_subset(bundle: TensorBundle, ratio: float = 0.05, seed: int = 0, per_class: int | None = None) -> torch.Tensor:
+    """Indices of the defender's clean subset, never from the test set: ``int(N * ratio)``
+    training samples drawn at random (BackdoorBench's ``choose_index``), or, with
+    ``per_class``, that many samples of every class (``choose_by_class``; NFT's
+    one-sample-per-class setting is ``per_class=1``)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(bundle.train_y)
+    if per_class is not None:
+        counts = torch.bincount(bundle.train_y.cpu(), minlength=bundle.num_classes)
+        if per_class < 1 or per_class > int(counts.min()):
+            raise ValueError(f"per_class must be in [1, {int(counts.min())}] (the smallest class), got {per_class}")
+        order = torch.randperm(n, generator=g)
+        labels = bundle.train_y.cpu()[order]
+        # rank of each shuffled sample within its class: keep the first `per_class` of each
+        onehot = torch.nn.functional.one_hot(labels, bundle.num_classes)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1
+        return order[rank < per_class].sort().values
     if not 0 < ratio <= 1:
         raise ValueError(f"clean ratio must be in (0, 1], got {ratio}")
-    n = len(bundle.train_y)
     k = max(1, int(n * ratio))
-    g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
