@@ -199,7 +199,8 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
     its ``data_source`` says so, the poisoned training set); a training-time defense (ABL,
     DBD) trains a fresh model on the poisoned training set. Both of the latter are
     undefined for training-controlled attacks (a clear error). ``clean_per_class`` replaces
-    the random ``clean_ratio`` subset by that many clean samples of every class."""
+    the random ``clean_ratio`` subset by that many clean samples of every class. The row
+    carries the defense's ``diagnostics`` (what it chose), if it reports any."""
     method = defenses.create(defense, **params)
     setting = result.setting
     clean_idx = data.clean_subset(result.data, clean_ratio, seed=setting.seed, per_class=clean_per_class)
@@ -229,12 +230,15 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
             defended = method.purify(result.model, given, scale=setting.scale, seed=setting.seed, progress=progress)
         seconds = time.perf_counter() - start
         record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
+                  "diagnostics": method.diagnostics(),
                   "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
                   "environment": _environment(result.data.device)}
         zoo.save(label, key, defended, record)
     defended.eval()
     row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"],
            "clean_samples": record["clean"]["count"]}
+    if record.get("diagnostics"):
+        row["diagnostics"] = record["diagnostics"]
     if result.attack is not None:
         row["der"] = metrics.der(result.metrics, record["metrics"])
         row["rir"] = metrics.rir(result.metrics, record["metrics"])

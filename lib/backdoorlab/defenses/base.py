@@ -30,6 +30,17 @@ from ..models import clone
 from ..train import Recipe
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is JSON made of numbers, strings, booleans, lists and dicts (no tensors)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
 @dataclass
 class Defense:
     name: ClassVar[str] = "defense"
@@ -49,6 +60,18 @@ class Defense:
         preset = scales.get(scale)
         return Recipe(epochs=epochs or preset.defense_epochs, lr=lr,
                       batch_size=batch_size or preset.defense_batch_size, **options)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What the last ``purify``/``train`` chose, for the record: the fields ending in ``_``
+        (e.g. TSBD's ``n_ratio_``, ABL's isolation counts) whose values are JSON numbers,
+        strings, or lists/dicts of them; tensors are left out."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_") and not f.init:
+                value = getattr(self, f.name)
+                if _plain(value):
+                    out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     def module_for(self, model: nn.Module) -> nn.Module:
         """An untrained module with the structure this defense returns for ``model`` (a saved
