@@ -33,9 +33,10 @@ BARS: dict[str, tuple[float | None, float]] = {
     "dbd": (0.45, 0.4),  # 0.171, 0.564
     "tsbd": (0.6, 0.55),  # 0.344, 0.676 (n 0.15 chosen by the clean-data rule)
     "nft": (None, 0.85),  # 0.998, 0.920
+    "npd": (None, 0.85),  # 0.998, 0.902
 }
 # defenses whose returned module has new layers (and so new state-dict keys), reloaded through `module_for`
-INSERTS_LAYERS: set[str] = set()
+INSERTS_LAYERS: set[str] = {"npd"}
 NOT_AT_SMOKE = {
     "clp": "with 8-64 channels per layer, mean + 3 std is almost never exceeded: no channel is pruned",
     "bnp": "on the width-8, 4-epoch model the BN-statistics KL does not single out the backdoor channels "
@@ -43,6 +44,9 @@ NOT_AT_SMOKE = {
     "mcr": "the fine-tuned end point stays close to the backdoored one, so the short curve keeps the backdoor",
     "nft": "the gamma masks learnt on clean MixUp batches keep BadNets on mnist5k at every budget tried "
            "(default: ASR 0.996; the official 1000 x 128 budget: 0.97)",
+    "npd": "the targeted L2 PGD (2 signed steps of 0.1, radius 1.52) never reproduces the saturated 3x3 corner patch "
+           "(L2 norm 3.0), so the polarizer learns a robustness unrelated to the trigger (default BadNets ASR stays "
+           "1.0; default WaNet 0.95 -> 0.41)",
 }
 
 # detector -> AUC floor on the smoke BadNets setting (measured in the comment)
