@@ -34,6 +34,7 @@ BARS: dict[str, tuple[float | None, float]] = {
     "tsbd": (0.6, 0.55),  # 0.344, 0.676 (n 0.15 chosen by the clean-data rule)
     "nft": (None, 0.85),  # 0.998, 0.920
     "npd": (None, 0.85),  # 0.998, 0.902
+    "ftsam": (0.95, 0.7),  # 0.858, 0.864 (FT on the same model: 0.953, 0.690)
 }
 # defenses whose returned module has new layers (and so new state-dict keys), reloaded through `module_for`
 INSERTS_LAYERS: set[str] = {"npd"}

@@ -57,6 +57,13 @@ def check(method: str, alpha: float = 1.0, decay_power: float = 3.0) -> None:
         raise ValueError(f"decay_power (FMix's spectrum decay) must be > 0, got {decay_power}")
 
 
+def _host_rng(rng: np.random.Generator | None = None) -> np.random.Generator:
+    """``rng``, or if None a NumPy generator seeded from torch's global CPU generator: calls
+    without an ``rng`` then draw afresh each time and are reproducible under ``torch.manual_seed``
+    (the spectrum and the pairing use torch's generator too)."""
+    return rng if rng is not None else np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,))))
+
+
 def sample_lambda(alpha: float, rng: np.random.Generator) -> float:
     """``lam ~ Beta(alpha, alpha)``, drawn on the host."""
     return float(rng.beta(alpha, alpha))
@@ -74,7 +81,7 @@ def fmix_mask(lam: float, size: tuple[int, int], decay_power: float = 3.0, *, de
     noise = torch.randn((2, *freq.shape), generator=generator, device=device)
     image = torch.fft.irfft2(torch.complex(noise[0], noise[1]) * scale, s=(h, w))
     exact = lam * h * w
-    up = (rng if rng is not None else np.random.default_rng()).random() < 0.5  # host-side: no device sync
+    up = _host_rng(rng).random() < 0.5  # host-side: no device sync
     count = math.ceil(exact) if up else math.floor(exact)
     mask = torch.zeros(h * w, device=device)
     if count > 0:
@@ -89,7 +96,7 @@ def cutmix_mask(lam: float, size: tuple[int, int], *, device=None,
     h, w = size
     cut = math.sqrt(1.0 - lam)
     bh, bw = int(h * cut), int(w * cut)
-    rng = rng if rng is not None else np.random.default_rng()
+    rng = _host_rng(rng)
     cy, cx = int(rng.integers(h)), int(rng.integers(w))
     y0, y1 = max(cy - bh // 2, 0), min(cy + bh // 2, h)
     x0, x1 = max(cx - bw // 2, 0), min(cx + bw // 2, w)
@@ -102,7 +109,7 @@ def mix(x: torch.Tensor, y: torch.Tensor, method: str = "mixup", *, alpha: float
         generator: torch.Generator | None = None, rng: np.random.Generator | None = None) -> Mixed:
     """Mix a batch ``x`` (N, C, H, W) with a random permutation of itself."""
     check(method, alpha, decay_power)
-    rng = rng if rng is not None else np.random.default_rng(0)
+    rng = _host_rng(rng)
     lam = sample_lambda(alpha, rng)
     perm = torch.randperm(len(x), generator=generator, device=x.device)
     if method == "mixup":
