@@ -162,3 +162,14 @@ def test_defend_with_one_clean_sample_per_class(badnets):
     assert row["clean_samples"] == badnets.data.num_classes
     _, usual = defend(badnets, "ft", progress=False)
     assert usual["clean_samples"] == int(len(badnets.data.train_y) * 0.05)
+
+
+def test_detection_is_kept_in_the_zoo(badnets, monkeypatch):
+    first = detect(badnets, "spectral")
+    from backdoorlab import pipeline
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the detection should have been read from the zoo")
+
+    monkeypatch.setattr(pipeline, "_detect", no_scoring)
+    assert detect(badnets, "spectral") == first

@@ -272,12 +272,24 @@ def detect(result: AttackResult, detector: str, clean_ratio: float = 0.05, **par
 
     Dataset detectors (AC, Spectral) scan the poisoned training set with the attacked
     model; input detectors (STRIP) score the clean test images and their triggered copies
-    (non-target classes). Returns a row with TPR, FPR, AUC and wall seconds."""
+    (non-target classes). Returns a row with TPR, FPR, AUC and wall seconds; the row is
+    kept in the zoo, so a rerun reads it instead of scoring again."""
     method = detectors.create(detector, **params)
     setting, bundle = result.setting, result.data
     if result.attack is None:
         raise ValueError("detection needs an attacked setting (attack='none' has nothing to find)")
-    clean = bundle.subset(data.clean_subset(bundle, clean_ratio, seed=setting.seed))
+    clean_idx = data.clean_subset(bundle, clean_ratio, seed=setting.seed)
+    key = {"attacked_model": result.key, "detector": detector, "params": method.params(),
+           "clean_ratio": clean_ratio, "clean_hash": index_hash(clean_idx), "version": __version__}
+
+    def run() -> dict[str, Any]:
+        return {"row": _detect(result, method, bundle.subset(clean_idx))}
+
+    return dict(zoo.cached_record(f"{detector}-{setting.attack}-{setting.id}", key, run)["row"])
+
+
+def _detect(result: AttackResult, method: Any, clean: TensorBundle) -> dict[str, Any]:
+    setting, bundle = result.setting, result.data
     start = time.perf_counter()
     if method.kind == "dataset":
         poisoned, truth = poisoned_training_set(result)
@@ -291,9 +303,8 @@ def detect(result: AttackResult, detector: str, clean_ratio: float = 0.05, **par
         truth = torch.cat([torch.zeros(len(benign), dtype=torch.bool), torch.ones(len(benign), dtype=torch.bool)])
     scores = method.score(result.model, x, y, clean, seed=setting.seed, scale=setting.scale)
     flagged = method.flag(scores, y)
-    row = {"attack": setting.attack, "detector": detector, **metrics.detection(scores, flagged, truth),
-           "seconds": time.perf_counter() - start}
-    return row
+    return {"attack": setting.attack, "detector": method.name, **metrics.detection(scores, flagged, truth),
+            "seconds": time.perf_counter() - start}
 
 
 def _environment(device: Any) -> dict[str, Any]:

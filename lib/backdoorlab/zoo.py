@@ -85,5 +85,16 @@ def cached_tensors(label: str, setting: Mapping[str, Any], build: Callable[[], M
     return {k: v.to(device) for k, v in tensors.items()}
 
 
+def cached_record(label: str, setting: Mapping[str, Any], build: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    """A JSON record computed once per setting and reused (e.g. a detector's scores against
+    the ground truth); written atomically, so an interrupted run leaves no half record."""
+    if exists(label, setting):
+        return runs.read_json(entry_dir(label, setting) / "record.json")
+    record = {"setting": dict(setting), **build()}
+    entry_dir(label, setting).mkdir(parents=True, exist_ok=True)
+    runs.write_json(entry_dir(label, setting) / "record.json", record)
+    return record
+
+
 def remove(label: str, setting: Mapping[str, Any]) -> None:
     shutil.rmtree(entry_dir(label, setting), ignore_errors=True)
