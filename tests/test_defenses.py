@@ -31,10 +31,10 @@ BARS: dict[str, tuple[float | None, float]] = {
     "mcr": (None, 0.85),  # 0.996, 0.926
     "abl": (0.5, 0.45),  # 0.118, 0.620 (isolation precision 1.0)
     "dbd": (0.45, 0.4),  # 0.171, 0.564
-    "tsbd": (0.6, 0.55),  # 0.344, 0.676 (n 0.15 chosen by the clean-data rule)
+    "tsbd": (0.6, 0.35),  # 0.228, 0.424 under `make test` (0.344, 0.676 on a one-thread smoke model)
     "nft": (None, 0.85),  # 0.998, 0.920
     "npd": (None, 0.85),  # 0.998, 0.902
-    "ftsam": (0.95, 0.7),  # 0.858, 0.864 (FT on the same model: 0.953, 0.690)
+    "ftsam": (0.95, 0.6),  # 0.508, 0.680 under `make test` (0.858, 0.864 on a one-thread smoke model)
 }
 # defenses whose returned module has new layers (and so new state-dict keys), reloaded through `module_for`
 INSERTS_LAYERS: set[str] = {"npd"}
