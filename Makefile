@@ -28,7 +28,7 @@ reproduce: install
 ## Unit tests, then every notebook under nbval at the `smoke` scale, sharing one fresh zoo.
 test: install
 	rm -rf $(TEST_RUNS)
-	BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) MPLBACKEND=Agg \
+	BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg \
 		$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
 
 lab: install

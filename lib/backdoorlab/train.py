@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -100,8 +101,10 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm  # widget in Jupyter, text elsewhere
+    """A tqdm bar (a widget in Jupyter, text elsewhere); ``BACKDOORLAB_PROGRESS=0`` turns every bar off."""
+    from tqdm.auto import tqdm
 
+    enabled = enabled and os.environ.get("BACKDOORLAB_PROGRESS", "1").lower() not in ("0", "false", "off", "no")
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
