@@ -69,3 +69,17 @@ def rgb_bundle():
                                  (0.5,) * 3, (0.25,) * 3, flip=True)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def badnets_result(smoke_setting, smoke_data):
+    """The smoke BadNets model (the same zoo entry as ``attack_results['badnets']``)."""
+    return train_attack(smoke_setting, smoke_data, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ft_purified(badnets_result):
+    """The smoke BadNets model purified by FT (zoo-cached) and its metrics row."""
+    from backdoorlab.pipeline import defend
+
+    return defend(badnets_result, "ft", progress=False)
