@@ -35,6 +35,7 @@ BARS: dict[str, tuple[float | None, float]] = {
     "nft": (None, 0.85),  # 0.998, 0.920
     "npd": (None, 0.85),  # 0.998, 0.902
     "ftsam": (0.95, 0.6),  # 0.508, 0.680 under `make test` (0.858, 0.864 on a one-thread smoke model)
+    "pam": (0.6, 0.7),  # 0.004, 0.854 under `make test` (0.441, 0.850 on a one-thread smoke model)
 }
 # defenses whose returned module has new layers (and so new state-dict keys), reloaded through `module_for`
 INSERTS_LAYERS: set[str] = {"npd"}

@@ -39,8 +39,8 @@ Simplifications / deviations: the generator is a two-level residual conv autoenc
 instead of being pretrained 50 epochs to reconstruct; ``norm_bound`` is an MSE in [0, 1] pixel space (0.02; the
 authors' 0.3 is in normalised units); the mask is trained with the model in eval mode;
 unlearning uses ``fit``'s SGD (lr 0.01, momentum 0.9, wd 5e-4, cosine, crop/flip) instead
-of Adam lr 1e-4; no early stop on a changed target label. PAM (a later defense) can reuse
-:func:`benign_feature_mask` and :func:`train_generator`.
+of Adam lr 1e-4; no early stop on a changed target label. PAM (``pam.py``) reuses
+:func:`benign_feature_mask`, :func:`train_generator` and :func:`mix_generated`.
 
 >>> purified = defenses.create("btidbf").purify(model, clean, scale="default")
 """
@@ -184,6 +184,17 @@ def detected_target(model: nn.Module, clean: TensorBundle, bd_gen: nn.Module, ba
     return int(votes.argmax())
 
 
+@torch.no_grad()
+def mix_generated(x: torch.Tensor, bd_gen: nn.Module, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """A copy of the batch ``x`` with a random ``int(fraction * len(x)) + 1`` of its images
+    replaced by ``bd_gen``'s output (the unlearning batch of BTI-DBF(U) and PAM; labels stay)."""
+    n = len(x)
+    idx = torch.randperm(n, generator=generator, device=x.device)[:int(fraction * n) + 1]
+    x_mix = x.clone()
+    x_mix[idx] = bd_gen(x[idx]).to(x.dtype)
+    return x_mix
+
+
 @register("btidbf")
 @dataclass
 class BTIDBF(Defense):
@@ -234,10 +245,7 @@ class BTIDBF(Defense):
     def unlearning_loss(self, bd_gen: nn.Module, layer: str, generator: torch.Generator):
         def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             n = len(x)
-            idx = torch.randperm(n, generator=generator, device=x.device)[:int(self.generated_fraction * n) + 1]
-            with torch.no_grad():
-                x_mix = x.clone()
-                x_mix[idx] = bd_gen(x[idx]).to(x.dtype)
+            x_mix = mix_generated(x, bd_gen, self.generated_fraction, generator)
             with tools.capture(model, [layer]) as out:
                 logits = model(torch.cat([x, x_mix]))
             feat, feat_mix = out[layer].float().split(n)
@@ -275,4 +283,5 @@ class BTIDBF(Defense):
         return purified
 
 
-__all__ = ["BTIDBF", "TinyGenerator", "benign_feature_mask", "detected_target", "masked", "train_generator"]
+__all__ = ["BTIDBF", "TinyGenerator", "benign_feature_mask", "detected_target", "masked", "mix_generated",
+           "train_generator"]

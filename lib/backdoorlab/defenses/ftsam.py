@@ -28,7 +28,8 @@ How it runs through ``train.fit``: the ``loss_fn`` does steps 1-3 itself with
 ``torch.autograd.grad``, copies the saved ``w`` back (bit-exact) and returns the surrogate
 ``L(w) + sum_p <p, g'_p> - sum_p <p, g'_p>.detach()``: its value is the clean-point loss
 ``L(w)`` (what BackdoorBench logs; the logits are the clean-point ones too) and its gradient
-is exactly ``g'``, so ``fit``'s ``backward`` + ``optimizer.step`` is step 4.
+is exactly ``g'``, so ``fit``'s ``backward`` + ``optimizer.step`` is step 4. (:func:`gradient_at` and
+:func:`with_gradient` are that mechanism; PAM, ``pam.py``, uses them too.)
 
 Hyperparameters (BackdoorBench ``config/defense/ft-sam/{cifar10,gtsrb,tiny}.yaml``):
 ``rho`` 2.0 on CIFAR-10, 8.0 on GTSRB and Tiny-ImageNet (``rho_max = rho_min``, so constant);
@@ -78,7 +79,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,35 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
             bn.momentum = m
 
 
+def gradient_at(params: Sequence[torch.Tensor], offsets: Sequence[torch.Tensor],
+                objective: Callable[[], tuple[torch.Tensor, torch.Tensor]], allow_unused: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """``(loss, logits, grads)`` of ``objective()`` (a forward pass returning ``(loss, logits)``)
+    evaluated with ``params`` moved to ``params + offsets``; the parameters are copied back
+    bit-exactly afterwards. The shared step of SAM-like updates (FT-SAM here, PAM)."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        torch._foreach_add_(list(params), list(offsets))
+    try:
+        with torch.enable_grad():
+            value, logits = objective()
+            grads = torch.autograd.grad(value, params, allow_unused=allow_unused)
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+    return value.detach(), logits.detach(), grads
+
+
+def with_gradient(value: torch.Tensor, params: Sequence[torch.Tensor],
+                  grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """A scalar whose value is ``value`` and whose gradient w.r.t. ``params`` is ``grads``
+    (``None`` entries get none): ``value + sum_p <p, g_p> - sum_p <p, g_p>.detach()``, so
+    ``fit``'s ``backward`` + ``optimizer.step`` steps with ``grads``."""
+    surrogate = torch.stack([(p * g).sum() for p, g in zip(params, grads) if g is not None]).sum()
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def sam_loss(rho: float, adaptive: bool = True, label_smoothing: float = 0.1) -> LossFn:
     """A ``train.fit`` loss doing SAM's two passes: returns (surrogate, clean-point logits), where
     the surrogate's value is the loss at ``w`` and its gradient is the loss gradient at
@@ -152,18 +182,14 @@ def sam_loss(rho: float, adaptive: bool = True, label_smoothing: float = 0.1) ->
             grads = torch.autograd.grad(clean_loss, params, allow_unused=True)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         params, grads = [p for p, _ in used], [g for _, g in used]
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            torch._foreach_add_(params, perturbation(params, grads, rho, adaptive))
-        try:
-            with frozen_bn_statistics(model), torch.enable_grad():
-                sharp_grads = torch.autograd.grad(smooth_kl(model(x), y, label_smoothing), params)
-        finally:
-            with torch.no_grad():
-                for p, w in zip(params, saved):
-                    p.copy_(w)
-        surrogate = torch.stack([(p * g).sum() for p, g in zip(params, sharp_grads)]).sum()
-        return clean_loss.detach() + (surrogate - surrogate.detach()), logits.detach()
+
+        def sharp() -> tuple[torch.Tensor, torch.Tensor]:
+            out = model(x)
+            return smooth_kl(out, y, label_smoothing), out
+
+        with frozen_bn_statistics(model):
+            _, _, sharp_grads = gradient_at(params, perturbation(params, grads, rho, adaptive), sharp)
+        return with_gradient(clean_loss, params, sharp_grads), logits.detach()
 
     return loss
 
@@ -248,4 +274,5 @@ class FTSAM(Defense):
         return purified
 
 
-__all__ = ["FTSAM", "sam_loss", "smooth_kl", "perturbation", "frozen_bn_statistics", "per_batch_cosine"]
+__all__ = ["FTSAM", "sam_loss", "gradient_at", "with_gradient", "smooth_kl", "perturbation", "frozen_bn_statistics",
+           "per_batch_cosine"]
