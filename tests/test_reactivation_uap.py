@@ -222,3 +222,18 @@ def test_transfer_from_other_defenses_reactivates_ft(badnets_result, ft_purified
         assert gap_closed(r["asr"], asr_under(m, badnets_result, delta)) >= 0.08, name  # measured >= 0.15
     after = asr_under(model, badnets_result, delta)  # the victim was never queried
     assert gap_closed(before, after) >= 0.08, (before, after)  # measured 0.16 / 0.29
+
+
+def test_paper_budget_is_the_official_codes_and_scales_shrink_it():
+    from backdoorlab.reactivation import common, square, whitebox
+
+    paper = common.budget("paper")
+    assert (paper.poison_num, paper.wb_outer_steps, paper.wb_inner_steps, paper.transfer_steps) == (
+        whitebox.PAPER_POISON_NUMS, whitebox.PAPER_OUTER_STEPS, whitebox.PAPER_INNER_STEPS,
+        whitebox.PAPER_TRANSFER_STEPS)
+    assert paper.square_queries == square.PAPER_MAX_QUERIES
+    smoke, default = common.budget("smoke"), common.budget("default")
+    for field in ("wb_outer_steps", "square_queries", "transfer_steps", "qra_epochs"):
+        assert getattr(smoke, field) <= getattr(default, field) <= getattr(paper, field)
+    with pytest.raises(ValueError, match="valid choices"):
+        common.budget("huge")

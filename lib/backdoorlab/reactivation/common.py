@@ -10,11 +10,13 @@ model predict the target again. ``delta`` lives in [0, 1] pixel space and is app
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .. import scales
 from ..data.bundle import to_float
 from ..metrics import accuracy
 from ..train import predict
@@ -23,6 +25,38 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline import AttackResult
 
 NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much search the re-activation attacks get at a scale (the notebooks' ``0`` values).
+
+    ``paper``: the official code's values (1000 poisoned samples; white-box 50 epochs x 5 steps;
+    Square Attack up to 10000 queries; transfer 100 epochs; BEC on 500 images; QRA 50 epochs).
+    ``default``: a CPU laptop in minutes; ``smoke``: seconds, for tests."""
+
+    poison_num: int
+    wb_outer_steps: int
+    wb_inner_steps: int
+    square_queries: int
+    transfer_steps: int
+    bec_samples: int
+    qra_epochs: int
+
+
+BUDGETS = {
+    "smoke": Budget(poison_num=256, wb_outer_steps=2, wb_inner_steps=5, square_queries=100, transfer_steps=5,
+                    bec_samples=200, qra_epochs=3),
+    "default": Budget(poison_num=1000, wb_outer_steps=10, wb_inner_steps=5, square_queries=500, transfer_steps=20,
+                      bec_samples=500, qra_epochs=10),
+    "paper": Budget(poison_num=1000, wb_outer_steps=50, wb_inner_steps=5, square_queries=10000, transfer_steps=100,
+                    bec_samples=500, qra_epochs=50),
+}
+
+
+def budget(scale: str | None = None) -> Budget:
+    """The re-activation budget of ``scale`` (default: ``$BACKDOORLAB_SCALE``, else ``default``)."""
+    return BUDGETS[scales.get(scale).name]
 
 
 def check_budget(norm: str, eps: float) -> None:
@@ -95,4 +129,4 @@ def asr_under(model: nn.Module, result: "AttackResult", delta: torch.Tensor | No
     return accuracy(pred, attack.target_labels(y, bundle.num_classes))
 
 
-__all__ = ["NORMS", "check_budget", "project", "budget_of", "apply_delta", "poisoned_samples", "asr_under"]
+__all__ = ["BUDGETS", "Budget", "NORMS", "budget", "check_budget", "project", "budget_of", "apply_delta", "poisoned_samples", "asr_under"]
