@@ -32,7 +32,7 @@ class Budget:
     """How much search the re-activation attacks get at a scale (the notebooks' ``0`` values).
 
     ``paper``: the official code's values (1000 poisoned samples; white-box 50 epochs x 5 steps;
-    Square Attack up to 10000 queries; transfer 100 epochs; BEC on 500 images; QRA 50 epochs).
+    Square Attack up to 10000 queries; transfer 100 epochs; BEC on 500 images; QRA 50 epochs on 500 + 500 samples).
     ``default``: a CPU laptop in minutes; ``smoke``: seconds, for tests."""
 
     poison_num: int
@@ -42,15 +42,16 @@ class Budget:
     transfer_steps: int
     bec_samples: int
     qra_epochs: int
+    qra_samples: int  # clean and poisoned samples each
 
 
 BUDGETS = {
     "smoke": Budget(poison_num=256, wb_outer_steps=2, wb_inner_steps=5, square_queries=100, transfer_steps=5,
-                    bec_samples=200, qra_epochs=3),
-    "default": Budget(poison_num=1000, wb_outer_steps=10, wb_inner_steps=5, square_queries=500, transfer_steps=20,
-                      bec_samples=500, qra_epochs=10),
+                    bec_samples=200, qra_epochs=3, qra_samples=200),
+    "default": Budget(poison_num=1000, wb_outer_steps=3, wb_inner_steps=5, square_queries=300, transfer_steps=10,
+                      bec_samples=500, qra_epochs=10, qra_samples=500),
     "paper": Budget(poison_num=1000, wb_outer_steps=50, wb_inner_steps=5, square_queries=10000, transfer_steps=100,
-                    bec_samples=500, qra_epochs=50),
+                    bec_samples=500, qra_epochs=50, qra_samples=500),
 }
 
 
