@@ -16,7 +16,8 @@ non-target-class test images (BackdoorBench's ``bd_test``).
    layer, flattened to (500, k·H·W), of ``f_A`` and of the other model; linear CKA per layer,
    averaged over the layers: ``S(f)``. ``S(f_A) = 1``.
 3. ``"paper"`` normalisation: ``BEC(f_D) = (S(f_D) - S(f_C)) / (S(f_A) - S(f_C))``, so the
-   backdoored model is 1 and the clean model 0. ``"code"``: the official plot script's min-max
+   backdoored model is 1 and the clean model 0 (a defended model less similar to ``f_A`` than the
+   clean model is gets a negative value; it is not clipped). ``"code"``: the official plot script's min-max
    over ``[S(f_C), S(f_D) for every defense]``, with the backdoored model then set to 1 (the
    maximum is the most similar *defense*, not ``f_A``).
 

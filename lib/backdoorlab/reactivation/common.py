@@ -46,9 +46,9 @@ class Budget:
 
 
 BUDGETS = {
-    "smoke": Budget(poison_num=256, wb_outer_steps=2, wb_inner_steps=5, square_queries=100, transfer_steps=5,
-                    bec_samples=200, qra_epochs=3, qra_samples=200),
-    "default": Budget(poison_num=1000, wb_outer_steps=3, wb_inner_steps=5, square_queries=300, transfer_steps=10,
+    "smoke": Budget(poison_num=128, wb_outer_steps=3, wb_inner_steps=5, square_queries=60, transfer_steps=5,
+                    bec_samples=200, qra_epochs=2, qra_samples=128),
+    "default": Budget(poison_num=500, wb_outer_steps=3, wb_inner_steps=5, square_queries=100, transfer_steps=10,
                       bec_samples=500, qra_epochs=10, qra_samples=500),
     "paper": Budget(poison_num=1000, wb_outer_steps=50, wb_inner_steps=5, square_queries=10000, transfer_steps=100,
                     bec_samples=500, qra_epochs=50, qra_samples=500),
