@@ -195,6 +195,31 @@ def mix_generated(x: torch.Tensor, bd_gen: nn.Module, fraction: float, generator
     return x_mix
 
 
+def inversion_rounds(model: nn.Module, clean: TensorBundle, *, n_rounds: int, mask_epochs: int,
+                     generator_epochs: int, batch_size: int, seed: int, generator_lr: float, norm_bound: float,
+                     feat_bound: float) -> Iterator[tuple[int, nn.Module, int | None]]:
+    """The rounds of BTI-DBF's inversion on ``model`` as it changes: each yields ``(round, bd_gen,
+    target)`` once that round's mask and generator are trained (the generator frozen while the
+    caller unlearns with it, before the next round inverts the updated model). ``target`` is the
+    label detected after the first round when there are more (None before). BTI-DBF(U) and PAM
+    differ only in the unlearning step they run between rounds."""
+    order = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bd_gen = TinyGenerator(clean.in_channels).to(clean.device)
+    target = None
+    for r in range(n_rounds):
+        mask = benign_feature_mask(model, clean, epochs=mask_epochs, batch_size=batch_size, generator=order)
+        bd_gen = train_generator(model, clean, mask, epochs=generator_epochs, batch_size=batch_size,
+                                 generator=order, bd_gen=bd_gen, lr=generator_lr, norm_bound=norm_bound,
+                                 feat_bound=feat_bound, target=target)
+        if r == 0 and n_rounds > 1:
+            target = detected_target(model, clean, bd_gen)
+        bd_gen.requires_grad_(False)
+        yield r, bd_gen, target
+        bd_gen.requires_grad_(True)
+
+
 @register("btidbf")
 @dataclass
 class BTIDBF(Defense):
@@ -259,29 +284,17 @@ class BTIDBF(Defense):
         purified = clone(model)
         layer = tools.last_conv_block(purified)
         recipe = self.recipe(scale, self.epochs("unlearn", scale), self.lr, self.batch_size)
-        order = torch.Generator().manual_seed(seed)
         picks = torch.Generator(device=clean.device).manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            bd_gen = TinyGenerator(clean.in_channels).to(clean.device)
-        target = None
         n_rounds = self.rounds(scale)
-        for r in range(n_rounds):
-            mask = benign_feature_mask(purified, clean, epochs=self.epochs("mask", scale),
-                                       batch_size=recipe.batch_size, generator=order)
-            bd_gen = train_generator(purified, clean, mask, epochs=self.epochs("generator", scale),
-                                     batch_size=recipe.batch_size, generator=order, bd_gen=bd_gen,
-                                     lr=self.generator_lr, norm_bound=self.norm_bound, feat_bound=self.feat_bound,
-                                     target=target)
-            if r == 0 and n_rounds > 1:
-                target = detected_target(purified, clean, bd_gen)
-            bd_gen.requires_grad_(False)
+        for r, bd_gen, _ in inversion_rounds(purified, clean, n_rounds=n_rounds, mask_epochs=self.epochs("mask", scale),
+                                             generator_epochs=self.epochs("generator", scale),
+                                             batch_size=recipe.batch_size, seed=seed, generator_lr=self.generator_lr,
+                                             norm_bound=self.norm_bound, feat_bound=self.feat_bound):
             fit(purified, clean, recipe, seed=seed + r, loss_fn=self.unlearning_loss(bd_gen, layer, picks),
                 progress=progress, desc=f"bti-dbf(u) round {r + 1}/{n_rounds}")
-            bd_gen.requires_grad_(True)
         purified.eval()
         return purified
 
 
-__all__ = ["BTIDBF", "TinyGenerator", "benign_feature_mask", "detected_target", "masked", "mix_generated",
-           "train_generator"]
+__all__ = ["BTIDBF", "TinyGenerator", "benign_feature_mask", "detected_target", "inversion_rounds", "masked",
+           "mix_generated", "train_generator"]

@@ -104,7 +104,7 @@ from ..models import clone
 from ..train import LossFn, fit, prepare_model
 from . import register
 from .base import Defense
-from .btidbf import TinyGenerator, benign_feature_mask, detected_target, mix_generated, train_generator
+from .btidbf import inversion_rounds, mix_generated
 from .ftsam import frozen_bn_statistics, gradient_at, with_gradient
 
 PAPER_EPOCHS = {"mask": 20, "generator": 30, "unlearn": 30}
@@ -226,28 +226,18 @@ class PAM(Defense):
                              weight_decay=0.0, schedule="constant")
         purified = prepare_model(clone(model), clean.device)
         anchor = clone(purified).requires_grad_(False).eval()  # theta_bd, frozen
-        order = torch.Generator().manual_seed(seed)
         picks = torch.Generator(device=clean.device).manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            bd_gen = TinyGenerator(clean.in_channels).to(clean.device)
-        target = None
-        n_rounds = self.rounds(preset)
-        for r in range(n_rounds):
-            mask = benign_feature_mask(purified, clean, epochs=self.epochs("mask", preset),
-                                       batch_size=recipe.batch_size, generator=order)
-            bd_gen = train_generator(purified, clean, mask, epochs=self.epochs("generator", preset),
-                                     batch_size=recipe.batch_size, generator=order, bd_gen=bd_gen,
-                                     lr=self.generator_lr, norm_bound=self.norm_bound, feat_bound=self.feat_bound,
-                                     target=target)
-            if r == 0 and n_rounds > 1:
-                target = detected_target(purified, clean, bd_gen)
-            bd_gen.requires_grad_(False)
+        n_rounds, target = self.rounds(preset), None
+        for r, bd_gen, target in inversion_rounds(purified, clean, n_rounds=n_rounds,
+                                                  mask_epochs=self.epochs("mask", preset),
+                                                  generator_epochs=self.epochs("generator", preset),
+                                                  batch_size=recipe.batch_size, seed=seed,
+                                                  generator_lr=self.generator_lr, norm_bound=self.norm_bound,
+                                                  feat_bound=self.feat_bound):
             mix = partial(mix_generated, bd_gen=bd_gen, fraction=self.generated_fraction, generator=picks)
             fit(purified, clean, recipe, seed=seed + r,
                 loss_fn=pam_loss(anchor, self.rho, batch_transform=mix, bn_statistics=self.bn_statistics),
                 progress=progress, desc=f"pam round {r + 1}/{n_rounds}")
-            bd_gen.requires_grad_(True)
         self.target_ = target
         with torch.no_grad():
             gaps = [(a - p).flatten() for a, p in zip(anchor.parameters(), purified.parameters())]
