@@ -10,6 +10,7 @@ model trained; errors name the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -130,23 +131,34 @@ def train_attack(setting: Setting, bundle: TensorBundle | None = None, device: A
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(setting.seed)
         model = models.for_bundle(setting.model, bundle, setting.model_width).to(bundle.device)
-    if zoo.exists(label, key):
-        record = zoo.load(label, key, model)
-        if attack is not None:
-            attack.load_state_tensors(zoo.load_tensors(label, key, "attack", str(bundle.device)))
-    else:
-        mixed = None if setting.mixing == "none" else mixing.loss_fn(setting.mixing, seed=setting.seed)
-        history = fit(model, bundle, recipe, attack, poison if attack else None, seed=setting.seed, loss_fn=mixed,
-                      progress=progress, desc=f"{setting.attack} {setting.id}")
-        record = {
-            "metrics": metrics.evaluate(model, bundle, attack),
-            "poison": {"count": len(poison), "index_hash": index_hash(poison)},
-            "history": dataclasses.asdict(history),
-            "environment": _environment(bundle.device),
-        }
-        zoo.save(label, key, model, record, extra={"attack": attack.state_tensors() if attack else {}})
+    with zoo.lock(label, key):  # concurrent workers train a shared setting once
+        if zoo.exists(label, key):
+            record = zoo.load(label, key, model)
+            if attack is not None:
+                attack.load_state_tensors(zoo.load_tensors(label, key, "attack", str(bundle.device)))
+        else:
+            record = _train_and_save(setting, bundle, recipe, attack, poison, model, label, key, progress)
     model.eval()
     return AttackResult(setting, model, attack, poison, record["metrics"], record, bundle, zoo.key(key))
+
+
+def _train_and_save(setting: Setting, bundle: TensorBundle, recipe: Recipe, attack: Attack | None,
+                    poison: torch.Tensor, model: nn.Module, label: str, key: dict[str, Any], progress: bool) -> dict[str, Any]:
+    mixed = None if setting.mixing == "none" else mixing.loss_fn(setting.mixing, seed=setting.seed)
+    resumable = setting.scale == "paper" and not (attack is not None and attack.controls_training)
+    checkpoint = zoo.entry_dir(label, key) / "checkpoint" if resumable else None  # resumed after a crash
+    history = fit(model, bundle, recipe, attack, poison if attack else None, seed=setting.seed, loss_fn=mixed,
+                  progress=progress, desc=f"{setting.attack} {setting.id}", checkpoint=checkpoint)
+    record = {
+        "metrics": metrics.evaluate(model, bundle, attack),
+        "poison": {"count": len(poison), "index_hash": index_hash(poison)},
+        "history": dataclasses.asdict(history),
+        "environment": _environment(bundle.device),
+    }
+    zoo.save(label, key, model, record, extra={"attack": attack.state_tensors() if attack else {}})
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return record
 
 
 def poisoned_training_set(result: AttackResult, batch_size: int = 1024) -> tuple[TensorBundle, torch.Tensor]:
@@ -215,25 +227,26 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
            "version": __version__}
     label = f"{defense}-{setting.attack}-{setting.id}"
     defended = method.module_for(result.model)
-    if zoo.exists(label, key):
-        record = zoo.load(label, key, defended)
-    else:
-        start = time.perf_counter()
-        if method.kind == "training":
-            poisoned, _ = poisoned_training_set(result)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(setting.seed)
-                fresh = models.for_bundle(setting.model, result.data, setting.model_width).to(result.data.device)
-            defended = method.train(fresh, poisoned, scale=setting.scale, seed=setting.seed, progress=progress)
+    with zoo.lock(label, key):
+        if zoo.exists(label, key):
+            record = zoo.load(label, key, defended)
         else:
-            given = poisoned_training_set(result)[0] if needs_poisoned_set else clean
-            defended = method.purify(result.model, given, scale=setting.scale, seed=setting.seed, progress=progress)
-        seconds = time.perf_counter() - start
-        record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
-                  "diagnostics": method.diagnostics(),
-                  "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
-                  "environment": _environment(result.data.device)}
-        zoo.save(label, key, defended, record)
+            start = time.perf_counter()
+            if method.kind == "training":
+                poisoned, _ = poisoned_training_set(result)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(setting.seed)
+                    fresh = models.for_bundle(setting.model, result.data, setting.model_width).to(result.data.device)
+                defended = method.train(fresh, poisoned, scale=setting.scale, seed=setting.seed, progress=progress)
+            else:
+                given = poisoned_training_set(result)[0] if needs_poisoned_set else clean
+                defended = method.purify(result.model, given, scale=setting.scale, seed=setting.seed, progress=progress)
+            seconds = time.perf_counter() - start
+            record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
+                      "diagnostics": method.diagnostics(),
+                      "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
+                      "environment": _environment(result.data.device)}
+            zoo.save(label, key, defended, record)
     defended.eval()
     row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"],
            "clean_samples": record["clean"]["count"]}

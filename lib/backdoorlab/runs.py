@@ -37,7 +37,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -70,24 +70,28 @@ def git_revision() -> str | None:
 
 def environment(device: Any = None) -> dict:
     """What produced a result: package, torch and Python versions, device, git revision."""
-    import torch
+    import sys
 
     from . import __version__
 
+    torch = sys.modules.get("torch")  # never imported just for this record
     env = {
         "backdoorlab": __version__,
-        "torch": torch.__version__,
+        "torch": torch.__version__ if torch is not None else None,
         "python": platform.python_version(),
         "device": str(device) if device is not None else "cpu",
         "git": git_revision(),
     }
-    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+    if torch is not None and device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
 
 
 def run_dir(notebook: str, setting_id: str) -> Path:
-    folder = paths.runs_dir() / notebook / setting_id
+    """The (created) folder of one run: ``runs/<notebook>/<setting_id>``, or ``$BACKDOORLAB_RUN_DIR``
+    when set (``backdoorlab sweep`` sets it so each setting writes into its own, initially hidden, folder)."""
+    override = os.environ.get("BACKDOORLAB_RUN_DIR")
+    folder = Path(override) if override else paths.runs_dir() / notebook / setting_id
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -6,6 +6,11 @@ with padding, flip where the dataset uses it) and takes an optimiser step. On CU
 bf16 autocast and channels_last. Loss and accuracy are accumulated on the device and
 read once per epoch, so there is no host sync per step.
 
+With ``checkpoint=folder`` the state after every epoch (weights, optimiser, schedule, RNG
+streams, history) is saved there atomically, and a later call with the same folder resumes
+after the last saved epoch, giving bit-identical weights on the same device (used for
+``paper``-scale attack training, see ``pipeline.train_attack``).
+
 BackdoorBench's recipe is the default: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
 batch 128, cosine annealing over the epochs; ``Recipe(optimizer="adam")`` gives Adam
 (i-BAU and SAU use it, as in BackdoorBench).
@@ -14,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from . import runs
 from .attacks.base import Attack
 from .data.bundle import TensorBundle, augment, to_float
 from .losses import cross_entropy
@@ -119,6 +127,7 @@ def fit(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     desc: str = "train",
+    checkpoint: str | os.PathLike | None = None,
 ) -> History:
     """Train ``model`` in place on ``data.train_x`` (poisoned by ``attack`` at
     ``poison_indices``, if given) with ``recipe``; returns the per-epoch history.
@@ -128,6 +137,9 @@ def fit(
     (``begin_training``, ``training_batch``, ``training_loss``, ``end_epoch``): data
     poisoning uses the defaults; training-controlled attacks (WaNet, Input-aware, ...)
     override them instead of copying this loop.
+
+    ``checkpoint``: a folder for per-epoch checkpoints; an existing one is resumed. Not
+    for training-controlled attacks (their trigger generators have their own optimisers).
     """
     device = data.device
     if (attack is None) != (poison_indices is None):
@@ -147,12 +159,19 @@ def fit(
     history = History()
     if loss_fn is None:
         loss_fn = attack.training_loss if attack is not None else cross_entropy
+    if checkpoint is not None and attack is not None and attack.controls_training:
+        raise ValueError(f"checkpoint/resume covers clean and data-poisoning training, not {attack.name}, "
+                         "which controls training with its own optimiser state")
     if attack is not None:
         attack.begin_training(model, data, recipe)
-    start = time.perf_counter()
+    first_epoch = 0
+    if checkpoint is not None:
+        first_epoch = load_checkpoint(checkpoint, recipe, model, optimizer, scheduler, gen, order_gen, history)
+    start = time.perf_counter() - history.seconds
     model.train()
     with progress_bar(recipe.epochs * steps_per_epoch, desc, progress) as bar:
-        for epoch in range(recipe.epochs):
+        bar.update(first_epoch * steps_per_epoch)
+        for epoch in range(first_epoch, recipe.epochs):
             order = torch.randperm(n, generator=order_gen).to(device, non_blocking=True)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -186,9 +205,82 @@ def fit(
             history.acc.append(stats[1] / max(seen, 1))
             history.steps += steps_per_epoch
             bar.set_postfix(epoch=epoch + 1, loss=f"{history.loss[-1]:.3f}", acc=f"{history.acc[-1]:.3f}")
+            if checkpoint is not None:
+                history.seconds = time.perf_counter() - start
+                save_checkpoint(checkpoint, epoch + 1, recipe, model, optimizer, scheduler, gen, order_gen, history)
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
+
+
+def save_checkpoint(folder: str | os.PathLike, epochs_done: int, recipe: Recipe, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, gen: torch.Generator,
+                    order_gen: torch.Generator, history: History) -> None:
+    """Write the training state after ``epochs_done`` epochs: tensors as safetensors, the
+    rest as JSON; ``checkpoint.json`` is written last and names the tensor file, so a
+    crash mid-save leaves the previous checkpoint intact."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    optim_scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{pid}/{name}"] = value
+            elif value is not None:
+                optim_scalars.setdefault(str(pid), {})[name] = value
+    tensors["rng/gen"], tensors["rng/order"] = gen.get_state(), order_gen.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and gen.device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(gen.device)
+    name = f"state-{epochs_done}.safetensors"
+    with runs.atomic_path(folder / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    runs.write_json(folder / "checkpoint.json", {
+        "epochs_done": epochs_done, "tensors": name, "recipe": recipe.key(),
+        "param_groups": state["param_groups"], "optim_scalars": optim_scalars,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": dataclasses.asdict(history)})
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: str | os.PathLike, recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, gen: torch.Generator, order_gen: torch.Generator, history: History) -> int:
+    """Restore a ``save_checkpoint`` folder in place; returns the epochs already done (0 if none)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "checkpoint.json").exists():
+        return 0
+    meta = runs.read_json(folder / "checkpoint.json")
+    if meta["recipe"] != json.loads(json.dumps(recipe.key())):
+        raise ValueError(f"checkpoint {folder} was written for recipe {meta['recipe']}, not {recipe.key()}; "
+                         "remove the folder to start over")
+    tensors = load_file(str(folder / meta["tensors"]))
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict[Any, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = value  # load_state_dict moves it to the parameter's device
+    for pid, scalars in meta["optim_scalars"].items():
+        state.setdefault(int(pid), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    gen.set_state(tensors["rng/gen"])
+    order_gen.set_state(tensors["rng/order"])
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"], gen.device)
+    for name, value in meta["history"].items():
+        setattr(history, name, value)
+    return int(meta["epochs_done"])
 
 
 @torch.no_grad()

@@ -5,14 +5,20 @@ weights; loading never unpickles) and ``record.json`` (the setting, poison-index
 metrics, versions, device). ``<key>`` hashes the setting, so a changed setting is a
 new entry. The record is written last: an entry without it is incomplete and is
 retrained, never half-read.
+
+Workers that share a zoo (a sweep's processes, Ray tasks on one host or on a shared POSIX
+file system) build an entry once: ``lock(label, setting)`` is an exclusive ``flock`` on
+``runs/zoo/.locks/<label>-<key>.lock``, held while a worker checks for the entry and
+builds it, so a second worker waits and then loads what the first saved.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -27,6 +33,24 @@ def key(setting: Mapping[str, Any]) -> str:
 
 def entry_dir(label: str, setting: Mapping[str, Any]) -> Path:
     return paths.zoo_dir() / f"{label}-{key(setting)}"
+
+
+@contextlib.contextmanager
+def lock(label: str, setting: Mapping[str, Any]) -> Iterator[None]:
+    """Hold the entry's exclusive lock (blocking) while checking for and building it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    path = paths.zoo_dir() / ".locks" / f"{label}-{key(setting)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def exists(label: str, setting: Mapping[str, Any]) -> bool:
@@ -73,8 +97,14 @@ def load_tensors(label: str, setting: Mapping[str, Any], name: str, device: str 
 def cached_tensors(label: str, setting: Mapping[str, Any], build: Callable[[], Mapping[str, torch.Tensor]],
                    device: Any = "cpu") -> dict[str, torch.Tensor]:
     """Tensors computed once per setting and reused (an attack's pattern, encoder, crafted images)."""
-    if exists(label, setting):
-        return load_tensors(label, setting, "tensors", str(device))
+    with lock(label, setting):
+        if exists(label, setting):
+            return load_tensors(label, setting, "tensors", str(device))
+        return _build_tensors(label, setting, build, device)
+
+
+def _build_tensors(label: str, setting: Mapping[str, Any], build: Callable[[], Mapping[str, torch.Tensor]],
+                   device: Any) -> dict[str, torch.Tensor]:
     tensors = {k: v.detach() for k, v in build().items()}
     folder = entry_dir(label, setting)
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,12 +118,13 @@ def cached_tensors(label: str, setting: Mapping[str, Any], build: Callable[[], M
 def cached_record(label: str, setting: Mapping[str, Any], build: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
     """A JSON record computed once per setting and reused (e.g. a detector's scores against
     the ground truth); written atomically, so an interrupted run leaves no half record."""
-    if exists(label, setting):
-        return runs.read_json(entry_dir(label, setting) / "record.json")
-    record = {"setting": dict(setting), **build()}
-    entry_dir(label, setting).mkdir(parents=True, exist_ok=True)
-    runs.write_json(entry_dir(label, setting) / "record.json", record)
-    return record
+    with lock(label, setting):
+        if exists(label, setting):
+            return runs.read_json(entry_dir(label, setting) / "record.json")
+        record = {"setting": dict(setting), **build()}
+        entry_dir(label, setting).mkdir(parents=True, exist_ok=True)
+        runs.write_json(entry_dir(label, setting) / "record.json", record)
+        return record
 
 
 def remove(label: str, setting: Mapping[str, Any]) -> None:

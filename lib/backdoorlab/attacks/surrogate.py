@@ -30,9 +30,10 @@ def clean_surrogate(data: TensorBundle, *, scale: Any = None, seed: int = 0, mod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = models.for_bundle(model, data, width).to(data.device)
-    if zoo.exists(label, key):
-        zoo.load(label, key, net)
-    else:
-        history = fit(net, data, recipe, seed=seed, progress=progress, desc="clean surrogate")
-        zoo.save(label, key, net, {"history": dataclasses.asdict(history)})
+    with zoo.lock(label, key):
+        if zoo.exists(label, key):
+            zoo.load(label, key, net)
+        else:
+            history = fit(net, data, recipe, seed=seed, progress=progress, desc="clean surrogate")
+            zoo.save(label, key, net, {"history": dataclasses.asdict(history)})
     return net.eval()
