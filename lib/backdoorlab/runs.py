@@ -18,6 +18,8 @@ from typing import Any, Iterator, Mapping, Sequence
 from . import paths
 
 SCHEMA_VERSION = 1
+_UMASK = os.umask(0)  # read the process umask once (os.umask can only read it by setting it)
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -28,6 +30,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing, as with open()
     try:
         yield tmp_path
         os.replace(tmp_path, path)
