@@ -83,6 +83,10 @@ def run_setting(notebook_path: str, notebook: str, setting_id: str, parameters: 
             shutil.rmtree(partial)  # another sweep finished this setting first; keep its folder
         for stale in (failed / f"{setting_id}.txt", failed / f"{setting_id}.ipynb"):
             stale.unlink(missing_ok=True)
+        try:
+            failed.rmdir()  # only if no failure is left in it
+        except OSError:
+            pass
         return {"setting_id": setting_id, "parameters": parameters, "status": "ok", "seconds": seconds,
                 "rows": metrics.get("rows", []), "run_dir": str(final), "error": None}
     except Exception:
