@@ -31,7 +31,7 @@ from pandas.api.types import is_numeric_dtype
 
 from . import papers, paths
 from .results import ResultsDB
-from .runs import atomic_path, save_figure
+from .runs import save_figure, write_text
 
 IGNORED = frozenset({"notebook", "setting_id", "seed", "device"})  # neither key nor metric
 # Numeric row fields that name a condition (grouped by), not a measurement (averaged).
@@ -220,13 +220,7 @@ def convert_notebook(ipynb: Path, target: Path) -> Path:
     if target.exists() and target.stat().st_mtime >= ipynb.stat().st_mtime:
         return target
     body, _ = _exporter().from_filename(str(ipynb))
-    return _write(target, body)
-
-
-def _write(path: Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+    return write_text(target, body)
 
 
 def _safe(name: str) -> str:
@@ -508,8 +502,8 @@ def build(db_path: str | Path | None = None, runs_dir: str | Path | None = None,
     for stale in (out_dir / "figures").glob("*.png"):
         if stale not in figures:
             stale.unlink()
-    _write(out_dir / "index.md", render_markdown("backdoorlab report", blocks))
-    return _write(out_dir / "index.html", render_html("backdoorlab report", blocks))
+    write_text(out_dir / "index.md", render_markdown("backdoorlab report", blocks))
+    return write_text(out_dir / "index.html", render_html("backdoorlab report", blocks))
 
 
 __all__ = ["PAPER_TABLES", "build", "classify", "summarize", "metric_figure", "mean_std", "error_summary"]
