@@ -44,7 +44,8 @@ def attack_results(smoke_setting, smoke_data):
     from backdoorlab import attacks
 
     # Attacks whose paper defaults 4 smoke epochs on MNIST cannot learn declare stronger, test-only
-    # `smoke_params` (FTrojan/CTRL magnitude, WaNet s, BppAttack levels, LIRA eps, Input-aware cross ratio).
+    # `smoke_params` (FTrojan/CTRL magnitude, WaNet s, BppAttack levels, LIRA eps, Input-aware cross ratio,
+    # LC's checkerboard size, Adaptive-Patch without cover samples).
     return {name: train_attack(smoke_setting.with_attack(name, **smoke_params(name)), smoke_data, progress=False)
             for name in attacks.names()}
 

@@ -22,20 +22,18 @@ ASR_BAR = {
     "blind": 0.9,  # measured 1.0
     "wanet": 0.9, "bpp": 0.9, "lira": 0.9,  # with their smoke_params; measured 0.998, 1.0, 1.0
     "inputaware": 0.8,  # with its smoke_params (cross_ratio 0.25); measured 0.94-0.99
-    "lc": None, "adaptive_patch": None,  # see NOT_LEARNT_AT_SMOKE
-}
-# Paper defaults that 4 epochs on MNIST cannot learn; the learning test skips them, visibly, with the reason.
-NOT_LEARNT_AT_SMOKE = {
-    "lc": "clean-label LC is not reliably learnt on mnist5k: smoke ASR 0.075; default seed 0 0.08-0.45, seed 1 0.98",
-    "adaptive_patch": "its cover samples suppress the backdoor at smoke (ASR 0.03, as designed); "
-                      "test_adaptive_patch_trigger_is_learnable checks the mechanism",
+    "lc": 0.5,  # clean-label, with its smoke_params (5x5 checkerboards); measured 0.82 (0.65 with 1 thread)
+    "adaptive_patch": 0.9,  # with its smoke_params (no cover samples); measured 0.996
 }
 # Triggers that change MNIST digits so much that even a clean model answers the target class.
 TRIGGER_FOOLS_CLEAN_MODEL = {"refool": "alpha_t 0.4 leaves 60% reflection: the clean model says 0 on ~0.7 of them"}
 ACC_MARGIN = 0.05  # attacked model's clean accuracy may trail the clean model's by at most this
 # LIRA trains every sample both clean and poisoned (alpha 0.5), BppAttack's negatives slow the clean task:
 # measured gaps 0.042-0.052 at smoke.
-ACC_MARGIN_FOR = {"lira": 0.08, "bpp": 0.08}
+# LC poisons every target-class training image at pratio 0.1, so clean "0"s without the checkerboards lose
+# accuracy (measured gap 0.052, 0.096 with 1 thread; SIG shows the same at `default`). Adaptive-Patch without
+# covers relabels 10% of the digits on faint (opacity 0.2-0.5) patches: measured gap 0.058.
+ACC_MARGIN_FOR = {"lira": 0.08, "bpp": 0.08, "lc": 0.1, "adaptive_patch": 0.08}
 
 
 def test_clean_training_learns(clean_result):
@@ -46,8 +44,7 @@ def test_clean_training_learns(clean_result):
 
 def test_every_attack_has_a_bar():
     assert set(ASR_BAR) == set(attacks.names())
-    assert {n for n, bar in ASR_BAR.items() if bar is None} == set(NOT_LEARNT_AT_SMOKE)
-    dirty = [n for n, bar in ASR_BAR.items() if bar is not None and not attacks.ATTACKS.get(n).clean_label]
+    dirty = [n for n, bar in ASR_BAR.items() if not attacks.ATTACKS.get(n).clean_label]
     assert all(ASR_BAR[n] >= 0.8 for n in dirty)
 
 
@@ -55,17 +52,9 @@ def test_every_attack_has_a_bar():
 def test_attack_implants_a_working_backdoor(name, attack_results, clean_result):
     result = attack_results[name]
     assert result.metrics["acc"] >= clean_result.metrics["acc"] - ACC_MARGIN_FOR.get(name, ACC_MARGIN)
-    if name in NOT_LEARNT_AT_SMOKE:
-        pytest.skip(NOT_LEARNT_AT_SMOKE[name])
     assert result.metrics["asr"] >= ASR_BAR[name]
     if name not in TRIGGER_FOOLS_CLEAN_MODEL:  # the trigger alone does not fool a clean model: it was learnt
         assert metrics.evaluate(clean_result.model, result.data, result.attack)["asr"] < 0.3
-
-
-def test_adaptive_patch_trigger_is_learnable(smoke_setting, smoke_data):
-    """Without cover samples the Adaptive-Patch trigger is learnt (measured 0.996)."""
-    result = train_attack(smoke_setting.with_attack("adaptive_patch", cover_share=0.0), smoke_data, progress=False)
-    assert result.metrics["asr"] >= 0.9
 
 
 def test_poison_record_matches_indices(attack_results):

@@ -22,6 +22,13 @@ surrogate (``clean_surrogate``: PreAct-ResNet18 of the scale's width, cached in 
 with the scale's step budget (``PGD_STEPS``). The crafted images are kept in the zoo
 as uint8, keyed by dataset, seed, scale and hyperparameters.
 
+On mnist5k the paper defaults are not reliably learnt: with pratio 0.1 every "0" is
+poisoned, and the model leans on the PGD noise on the black background as much as on
+the trigger (smoke ASR 0.08 / 0.70 / 0.49 for seeds 0-2; default 0.08 and 0.98; an
+adversarially trained surrogate, as in the paper, did not change this). ``smoke_params``
+(``patch_size`` 6, i.e. 5x5 checkerboards at 28x28) is a test-only setting that is
+learnt at ``smoke`` (ASR 0.82-0.85 over seeds 0-2 with 2 threads, 0.65 with 1).
+
 >>> attack = LC(eps=8 / 255)
 >>> attack.prepare(bundle, scale="smoke")     # crafts the target class once (cached)
 >>> poisoned = attack.apply(images)           # test time: trigger only
@@ -29,7 +36,7 @@ as uint8, keyed by dataset, seed, scale and hyperparameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +63,7 @@ class LC(Attack):
 
     name = "lc"
     clean_label = True
+    smoke_params: ClassVar[dict] = {"patch_size": 6}  # test-only: the 3x3 default is not reliably learnt on MNIST
 
     def __post_init__(self) -> None:
         super().__post_init__()
