@@ -104,7 +104,7 @@ def batched(fn, x: torch.Tensor, device: torch.device, repeats: int) -> float:
 
 def measure(name: str, bundle: TensorBundle, smoke: TensorBundle, x: torch.Tensor, y: torch.Tensor,
             device: torch.device, repeats: int) -> dict:
-    attack = attacks.create(name)
+    attack = attacks.create(name, **attacks.params_for(name, tuple(bundle.shape)))  # luma variant on grayscale
     attack.validate(bundle.num_classes, bundle.shape)
     start = time.perf_counter()
     attack.prepare(smoke, scale="smoke", seed=0, progress=False)
