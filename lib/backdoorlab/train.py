@@ -35,7 +35,7 @@ from .data.bundle import TensorBundle, augment, to_float
 from .losses import cross_entropy
 
 SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
@@ -48,7 +48,7 @@ class Recipe:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     augment: bool = True
-    optimizer: str = "sgd"  # "adam" ignores momentum (betas 0.9/0.999), as i-BAU and SAU use
+    optimizer: str = "sgd"  # "adam"/"adamw" ignore momentum (betas 0.9/0.999); i-BAU and SAU use Adam, CLIP AdamW
 
 
     def __post_init__(self) -> None:
@@ -73,8 +73,9 @@ class Recipe:
         """The recipe's optimiser over ``params`` (fused kernels on CUDA)."""
         params = list(params)
         fused = {"fused": True} if params and params[0].is_cuda else {}
-        if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
+        if self.optimizer in ("adam", "adamw"):
+            cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+            return cls(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, **fused)
 
 
@@ -133,8 +134,9 @@ def fit(
     ``poison_indices``, if given) with ``recipe``; returns the per-epoch history.
 
     ``loss_fn(model, x, y) -> (loss, logits)`` replaces cross-entropy where a defense
-    needs another objective. An attack steers training through its hooks
-    (``begin_training``, ``training_batch``, ``training_loss``, ``end_epoch``): data
+    needs another objective; it may return ``(loss, logits, targets)`` when the training
+    accuracy is not ``logits`` against ``y`` (CLIP: image-to-caption retrieval in the batch).
+    An attack steers training through its hooks (``begin_training``, ``training_batch``, ``training_loss``, ``end_epoch``): data
     poisoning uses the defaults; training-controlled attacks (WaNet, Input-aware, ...)
     override them instead of copying this loop.
 
@@ -188,12 +190,14 @@ def fit(
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device):
-                    loss, logits = loss_fn(model, x, y)
+                    out = loss_fn(model, x, y)
+                loss, logits = out[0], out[1]
+                targets = out[2] if len(out) > 2 else y
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 loss_sum += loss.detach() * len(idx)
-                correct += (logits.detach().argmax(1) == y).sum()
+                correct += (logits.detach().argmax(1) == targets).sum()
                 seen += len(idx)
                 bar.update(1)
             if scheduler is not None:
