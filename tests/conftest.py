@@ -2,12 +2,16 @@
 (``BACKDOORLAB_RUNS``, set by ``make test`` to a fresh folder shared with nbval)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
-os.environ.setdefault("BACKDOORLAB_RUNS", tempfile.mkdtemp(prefix="backdoorlab-test-runs-"))
+if "BACKDOORLAB_RUNS" not in os.environ:  # a bare `pytest`: a private zoo, removed at exit
+    os.environ["BACKDOORLAB_RUNS"] = tempfile.mkdtemp(prefix="backdoorlab-test-runs-")
+    atexit.register(shutil.rmtree, os.environ["BACKDOORLAB_RUNS"], ignore_errors=True)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
