@@ -79,6 +79,12 @@ def test_bad_input_is_refused_before_compute(parts, monkeypatch):
         poisoning.poison(parts["finetune"], poisoning.baseline_trigger("badnets"), 10 ** 6)
     with pytest.raises(ValueError, match="valid choices"):
         poisoning.target_captions(parts["finetune"], 0, "poetic", 3)
+    with pytest.raises(ValueError, match="valid choices: badclip, badnets"):
+        clip.protocol.check(["badclip", "trojan"])
+    with pytest.raises(ValueError, match="valid choices: finetune, cleanclip"):
+        clip.protocol.check(defenses=["anp"])
+    with pytest.raises(ValueError, match="lineage"):
+        clip.finetune(clip.create("rn-micro"), parts["finetune"], SCALE, {}, lr=1e-3, epochs=1)
     import open_clip
 
     def offline(*args, **kwargs):
@@ -108,3 +114,32 @@ def test_badclip_patch_lowers_its_objective(pretrained, parts):
         after = badclip.objective(pretrained, x, patch, tokens, positives)
     assert after <= before - 0.25  # measured 10.66 -> 10.16 (in-batch duplicate target captions bound it from below)
     assert patch.shape == (1, 3, 4, 4) and patch.min() >= 0 and patch.max() <= 1
+
+
+RATE = 0.03  # the notebook's default poisoning rate: tests and nbval share these models through the zoo
+
+
+@pytest.fixture(scope="module")
+def blended(pretrained, parts):
+    trigger = clip.trigger_for("blended", pretrained, parts["finetune"], 0, SCALE)
+    return trigger, clip.backdoor(pretrained, parts["finetune"], trigger, SCALE, RATE)
+
+
+def test_poisoned_clip_has_asr_well_above_a_clean_one(pretrained, data, blended):
+    trigger, backdoored = blended
+    clean = clip.zero_shot(pretrained, data, trigger)
+    poisoned = clip.zero_shot(backdoored, data, trigger)
+    # measured (2 threads): non-target ASR 0.00 on the clean model, 0.96 after poisoning
+    assert poisoned["asr_nontarget"] >= clean["asr_nontarget"] + 0.6
+    assert poisoned["acc"] >= clean["acc"] - 0.05
+
+
+def test_cleanclip_lowers_a_baseline_attacks_asr(data, parts, blended):
+    trigger, backdoored = blended
+    defended = clip.defend(backdoored, parts["defense"], "cleanclip", SCALE)
+    before = clip.zero_shot(backdoored, data, trigger)
+    after = clip.zero_shot(defended, data, trigger)
+    assert defended.lineage["parent"] == backdoored.lineage  # the zoo key names the whole lineage
+    # measured (2 threads): 0.96 -> 0.74
+    assert after["asr_nontarget"] <= before["asr_nontarget"] - 0.1
+    assert after["acc"] >= before["acc"] - 0.05

@@ -30,7 +30,13 @@ from .models import ClipModel, create, tokenize
 
 @dataclass(frozen=True)
 class ClipScale:
-    """Sizes of the CLIP protocol at one scale."""
+    """Sizes of the CLIP protocol at one scale.
+
+    The set sizes keep the papers' proportions loosely (a pre-training set, an attacker's
+    fine-tune set with a few percent poisoned, a defender's clean set of a fifth of it). The
+    learning rates do not: fine-tuning a tiny CLIP at the pre-training rate is what implants a
+    backdoor from 60 poisoned pairs here (measured at ``smoke``, Blended, non-target ASR: 4
+    epochs at 5e-4 gave 0.49, 10 epochs at 1e-3 gave 0.94), and what lets a defense remove it."""
 
     name: str
     model: str
@@ -42,8 +48,8 @@ class ClipScale:
     defense_epochs: int
     test_images: int
     pretrain_lr: float = 1e-3
-    finetune_lr: float = 5e-4
-    defense_lr: float = 5e-4
+    finetune_lr: float = 1e-3  # the papers fine-tune real CLIP at 1e-6 (attack) and 1e-5 (CleanCLIP): see above
+    defense_lr: float = 1e-3
     batch_size: int = 128
     patch_steps: int = 300  # BadCLIP trigger optimisation steps
 
@@ -54,9 +60,9 @@ class ClipScale:
 
 SCALES = {
     "smoke": ClipScale("smoke", "rn-micro", pretrain_pairs=4000, pretrain_epochs=25, finetune_pairs=2000,
-                       finetune_epochs=4, defense_pairs=1000, defense_epochs=4, test_images=500, patch_steps=60),
+                       finetune_epochs=10, defense_pairs=1000, defense_epochs=5, test_images=500, patch_steps=60),
     "default": ClipScale("default", "rn-micro", pretrain_pairs=20000, pretrain_epochs=15, finetune_pairs=10000,
-                         finetune_epochs=5, defense_pairs=2000, defense_epochs=5, test_images=1000),
+                         finetune_epochs=10, defense_pairs=2000, defense_epochs=5, test_images=1000),
     "paper": ClipScale("paper", "rn-micro", pretrain_pairs=100000, pretrain_epochs=30, finetune_pairs=50000,
                        finetune_epochs=10, defense_pairs=10000, defense_epochs=10, test_images=2000,
                        patch_steps=1000),
@@ -94,6 +100,8 @@ def train_pairs(model: ClipModel, pairs: CaptionSet, epochs: int, lr: float, bat
 
 def _cached(label: str, key: dict, build: Callable[[ClipModel], dict], scale: ClipScale, seed: int,
             start: ClipModel | None = None) -> ClipModel:
+    """The model of zoo entry ``(label, key)``, trained by ``build`` from ``start`` (or a fresh
+    model) when it is missing; it carries ``key`` as its ``lineage``."""
     model = copy.deepcopy(start) if start is not None else create(scale.model, seed=seed)
     with zoo.lock(label, key):
         if zoo.exists(label, key):
@@ -101,6 +109,7 @@ def _cached(label: str, key: dict, build: Callable[[ClipModel], dict], scale: Cl
         else:
             record = build(model)
             zoo.save(label, key, model, record)
+    model.lineage = key
     return model.eval()
 
 
@@ -120,7 +129,12 @@ def splits(data: CaptionSet, scale: str | ClipScale) -> dict[str, CaptionSet]:
 
 
 def lineage(scale: ClipScale, seed: int, **steps: Any) -> dict:
-    return {"track": "clip", "scale": dataclasses.asdict(scale), "seed": seed, "version": __version__, **steps}
+    """The zoo key of the pre-trained model of ``scale`` (its data sizes and pre-training
+    recipe, not the later stages' settings), extended by ``steps`` for the models after it."""
+    s = scale
+    return {"track": "clip", "model": s.model, "seed": seed, "version": __version__,
+            "data": [s.pretrain_pairs, s.finetune_pairs, s.defense_pairs, s.test_images],
+            "pretrain": [s.pretrain_epochs, s.pretrain_lr, s.batch_size], **steps}
 
 
 def pretrain(data: CaptionSet, scale: str | ClipScale, seed: int = 0, progress: bool = False) -> ClipModel:
@@ -136,18 +150,23 @@ def pretrain(data: CaptionSet, scale: str | ClipScale, seed: int = 0, progress: 
     return _cached(f"clip-pretrain-{s.name}-s{seed}", lineage(s, seed), build, s, seed)
 
 
-def finetune(model: ClipModel, pairs: CaptionSet, scale: str | ClipScale, key: dict, *, lr: float, epochs: int,
+def finetune(model: ClipModel, pairs: CaptionSet, scale: str | ClipScale, step: dict, *, lr: float, epochs: int,
              seed: int = 0, loss_fn: Callable | None = None, progress: bool = False, label: str = "clip-finetune"
              ) -> ClipModel:
-    """A fine-tuned copy of ``model`` on ``pairs`` (zoo-cached under ``key``, which must
-    name everything the result depends on: the starting model's lineage and the pairs)."""
+    """A fine-tuned copy of ``model`` (from ``pretrain`` or an earlier ``finetune``) on ``pairs``,
+    zoo-cached under the starting model's lineage plus ``step``, which must name everything
+    else the result depends on (the pairs: attack, poisoning rate, trigger, ...)."""
     s = get_scale(scale)
+    parent = getattr(model, "lineage", None)
+    if parent is None:
+        raise ValueError("finetune needs a model from clip.pretrain or clip.finetune (it keys the zoo on its lineage)")
 
     def build(m: ClipModel) -> dict:
         history = train_pairs(m, pairs, epochs, lr, s.batch_size, seed, loss_fn=loss_fn, progress=progress, desc=label)
         return {"history": dataclasses.asdict(history)}
 
-    return _cached(f"{label}-{s.name}-s{seed}", {**key, "lr": lr, "epochs": epochs}, build, s, seed, start=model)
+    key = {"parent": parent, **step, "lr": lr, "epochs": epochs, "batch_size": s.batch_size}
+    return _cached(f"{label}-{s.name}-s{seed}", key, build, s, seed, start=model)
 
 
 # -- CleanCLIP's augmentations ------------------------------------------------------------------
