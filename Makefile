@@ -29,7 +29,7 @@ reproduce: install
 test: install
 	rm -rf $(TEST_RUNS)
 	BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg \
-		$(PY) -m pytest --nbval-lax -p no:cacheprovider tests notebooks
+		$(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=25 tests notebooks
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks

@@ -36,6 +36,18 @@ def test_tokenizer_and_forward_shapes():
     assert model.encode_image(torch.rand(2, 1, 28, 28)).shape == (2, 64)  # grayscale, other size: resized
 
 
+def test_a_real_open_clip_architecture_runs_the_tiny_tracks_inputs():
+    """The path for real weights, without them: RN50 with random weights (``pretrained=None``)
+    takes 32x32 scenes (resized to 224) and 32-token captions (padded to 77)."""
+    model = clip.create("RN50", pretrained=None).eval()
+    assert model.context_length == 77 and model.image_size == (224, 224)
+    with torch.no_grad():
+        image, text = model(torch.rand(2, 3, 32, 32), clip.tokenize(["a photo of a banana.", "a red star."]))
+        padded = model.encode_text(clip.tokenize(["a photo of a banana."], 77))
+    assert image.shape == text.shape == (2, 1024)
+    assert torch.allclose(text[:1], padded, atol=1e-5)  # padding a caption does not change its embedding
+
+
 def test_contrastive_loss_is_symmetric_and_minimal_for_matching_pairs():
     g = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1)

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from ..data.bundle import to_float
 from . import losses
 from .captions import CaptionSet
-from .models import ClipModel
+from .models import ClipModel, tokenize
 from .poisoning import target_captions
-from .models import tokenize
 
 PATCH_SIZE = 4
 LOCATIONS = ("middle", "bottom-right")

@@ -72,6 +72,12 @@ class ClipModel(nn.Module):
         return F.normalize(self.net.encode_image((x - self.mean) / self.std), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``tokens``; shorter token rows (the tiny track's 32) are zero-padded to
+        the model's context length, so caption sets tokenised once serve real CLIP (77) too."""
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"{tokens.shape[1]} tokens per caption exceed {self.name}'s context of "
+                             f"{self.context_length}")
+        tokens = F.pad(tokens, (0, self.context_length - tokens.shape[1]))
         return F.normalize(self.net.encode_text(tokens), dim=-1)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
