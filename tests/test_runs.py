@@ -51,6 +51,8 @@ def test_notebooks_are_stored_without_outputs():
         cells = json.loads(nb.read_text())["cells"]
         code = [c for c in cells if c["cell_type"] == "code"]
         assert all(not c["outputs"] and c["execution_count"] is None for c in code), nb.name
+        ids = [c.get("id") for c in cells]  # nbformat 4.5: every cell has a unique id
+        assert all(ids) and len(set(ids)) == len(ids), nb.name
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in code), nb.name
 
 
