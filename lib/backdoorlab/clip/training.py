@@ -128,10 +128,9 @@ def splits(data: CaptionSet, scale: str | ClipScale) -> dict[str, CaptionSet]:
     return {k: data.select(torch.arange(a, b)) for k, (a, b) in bounds.items()}
 
 
-def lineage(scale: ClipScale, seed: int, **steps: Any) -> dict:
-    """The zoo key of the pre-trained model of ``scale`` (its data sizes and pre-training
+def lineage(s: ClipScale, seed: int, **steps: Any) -> dict:
+    """The zoo key of the pre-trained model of scale ``s`` (its data sizes and pre-training
     recipe, not the later stages' settings), extended by ``steps`` for the models after it."""
-    s = scale
     return {"track": "clip", "model": s.model, "seed": seed, "version": __version__,
             "data": [s.pretrain_pairs, s.finetune_pairs, s.defense_pairs, s.test_images],
             "pretrain": [s.pretrain_epochs, s.pretrain_lr, s.batch_size], **steps}
