@@ -106,6 +106,32 @@ def test_grid_validation_errors(spec, message):
         parse_grid(spec, TINY)
 
 
+SHIPPED_GRIDS = sorted((Path(__file__).parents[1] / "grids").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_GRIDS, ids=lambda p: p.name)
+def test_every_shipped_grid_is_valid_for_its_notebook(path):
+    """A grid in grids/ names its notebook's parameters with the right types, and the attacks,
+    defenses and per-attack parameters it fixes exist (the notebook would stop on them later)."""
+    from backdoorlab import attacks, defenses
+    from backdoorlab.clip import protocol
+
+    notebook = path.name.split(".")[0]
+    grid = load_grid(path, Path(__file__).parents[1] / "notebooks" / f"{notebook}.ipynb")
+    assert grid.notebook == notebook and len(grid) >= 1
+    clip = notebook == "Liang2024BadCLIP"
+    attack_names = set(protocol.ATTACKS) if clip else set(attacks.names())
+    defense_names = set(protocol.DEFENSES) if clip else set(defenses.names())
+    for setting in grid.settings():
+        p = setting.parameters
+        named = [a for a in p.get("attacks", []) if a != "all"]
+        assert set(named) <= attack_names
+        assert set(p.get("defenses", [])) - {"all"} <= defense_names
+        for name, params in p.get("attack_params", {}).items():
+            assert name in named or p.get("attacks") == ["all"], name
+            attacks.create(name, **params)  # the parameters exist and pass the attack's own checks
+
+
 def test_invalid_grid_fails_before_anything_runs(runs_root, tmp_path):
     bad = write_grid(tmp_path / "bad.yaml", {"cross": {"sed": [0, 1], "seed": [0]}})
     with pytest.raises(ValueError, match="unknown parameter 'sed'.*valid parameters of Tiny: lr, items"):
