@@ -1,5 +1,7 @@
 """No lost work: per-epoch checkpoints resume bit-identically, and workers sharing a zoo
 build an entry once."""
+import contextlib
+import dataclasses
 import threading
 import time
 
@@ -7,6 +9,9 @@ import pytest
 import torch
 
 from backdoorlab import attacks, pipeline, train, zoo
+from backdoorlab.defenses.ft import FineTuning
+from backdoorlab.losses import cross_entropy
+from backdoorlab.models import clone
 from backdoorlab.pipeline import Setting
 from tiny import tiny_bundle, tiny_model
 
@@ -103,3 +108,63 @@ def test_concurrent_workers_train_an_attacked_model_once(tmp_path, monkeypatch):
     assert results[0].key == results[1].key
     for a, b in zip(results[0].model.state_dict().values(), results[1].model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def _two_stage(folder=None, crash_at_step=None):
+    """A defense-like run: fine-tune, change the weights with the global RNG, fine-tune again.
+    Returns the model and how many training steps each stage ran."""
+    torch.manual_seed(0)
+    bundle, model, steps = tiny_bundle(48), tiny_model(seed=1), {"first": 0, "second": 0}
+
+    def counting(stage):
+        def loss_fn(m, x, y):
+            steps[stage] += 1
+            if stage == "second" and steps[stage] == crash_at_step:
+                raise Crash(f"killed at step {crash_at_step} of the second stage")
+            return cross_entropy(m, x, y)
+        return loss_fn
+
+    recipe = train.Recipe(epochs=3, batch_size=8, lr=0.05)  # 6 steps per epoch
+    with train.checkpoints(folder) if folder is not None else contextlib.nullcontext():
+        train.fit(model, bundle, recipe, seed=3, progress=False, loss_fn=counting("first"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+        train.fit(model, bundle, recipe, seed=4, progress=False, loss_fn=counting("second"))
+    return model, steps
+
+
+def test_checkpoints_block_resumes_a_multi_stage_run(tmp_path):
+    straight, steps = _two_stage()
+    assert steps == {"first": 18, "second": 18}
+    with pytest.raises(Crash):
+        _two_stage(tmp_path / "ckpt", crash_at_step=15)  # second stage: epochs 0 and 1 saved, 2 lost
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["fit-0", "fit-1"]
+    resumed, steps = _two_stage(tmp_path / "ckpt")
+    assert steps == {"first": 0, "second": 6}  # the first stage is restored, the second redoes one epoch
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("scale, checkpointed", [("paper", True), ("smoke", False)])
+def test_paper_scale_defense_checkpoints_each_fit_and_cleans_up(tmp_path, monkeypatch, scale, checkpointed):
+    monkeypatch.setenv("BACKDOORLAB_RUNS", str(tmp_path))
+    setting = Setting(attack="badnets", scale="smoke", width=4)
+    bundle = pipeline.load_data(setting).subset(torch.arange(64), 32)
+    result = pipeline.train_attack(setting, bundle, progress=False)
+    result = dataclasses.replace(result, setting=dataclasses.replace(setting, scale=scale))
+    saved = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda folder, *a, **k: (saved.append(folder), real_save(folder, *a, **k)))
+
+    def one_epoch_ft(self, model, clean, **kwargs):
+        tuned = clone(model)
+        train.fit(tuned, clean, train.Recipe(epochs=2, batch_size=4), progress=False)
+        return tuned
+
+    monkeypatch.setattr(FineTuning, "purify", one_epoch_ft)
+    pipeline.defend(result, "ft", clean_ratio=0.25, progress=False)
+    assert bool(saved) == checkpointed
+    if checkpointed:
+        assert [p.name for p in saved] == ["fit-0", "fit-0"] and saved[0].parent.name == "checkpoint"
+        assert not saved[0].parent.exists()  # removed once the defended model is in the zoo

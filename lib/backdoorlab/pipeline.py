@@ -9,6 +9,7 @@ model trained; errors name the valid choices.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import __version__, attacks, data, defenses, detectors, metrics, mixing, models, scales, zoo
+from . import __version__, attacks, data, defenses, detectors, metrics, mixing, models, scales, train, zoo
 from .attacks.base import Attack, check_pratio, index_hash
 from .data.bundle import TensorBundle, to_float
 from .train import Recipe, fit, resolve_device
@@ -231,22 +232,8 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
         if zoo.exists(label, key):
             record = zoo.load(label, key, defended)
         else:
-            start = time.perf_counter()
-            if method.kind == "training":
-                poisoned, _ = poisoned_training_set(result)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(setting.seed)
-                    fresh = models.for_bundle(setting.model, result.data, setting.model_width).to(result.data.device)
-                defended = method.train(fresh, poisoned, scale=setting.scale, seed=setting.seed, progress=progress)
-            else:
-                given = poisoned_training_set(result)[0] if needs_poisoned_set else clean
-                defended = method.purify(result.model, given, scale=setting.scale, seed=setting.seed, progress=progress)
-            seconds = time.perf_counter() - start
-            record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
-                      "diagnostics": method.diagnostics(),
-                      "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
-                      "environment": _environment(result.data.device)}
-            zoo.save(label, key, defended, record)
+            record, defended = _defend_and_save(method, result, clean, clean_idx, needs_poisoned_set, defended,
+                                                label, key, progress)
     defended.eval()
     row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"],
            "clean_samples": record["clean"]["count"]}
@@ -256,6 +243,35 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
         row["der"] = metrics.der(result.metrics, record["metrics"])
         row["rir"] = metrics.rir(result.metrics, record["metrics"])
     return defended, row
+
+
+def _defend_and_save(method: defenses.Defense, result: AttackResult, clean: TensorBundle, clean_idx: torch.Tensor,
+                     needs_poisoned_set: bool, defended: nn.Module, label: str, key: dict[str, Any],
+                     progress: bool) -> tuple[dict[str, Any], nn.Module]:
+    """Run the defense and store it in the zoo. At ``paper`` scale every ``fit`` inside it
+    checkpoints each epoch, and a rerun after a crash resumes (see ``train.checkpoints``)."""
+    setting = result.setting
+    checkpoint = zoo.entry_dir(label, key) / "checkpoint" if setting.scale == "paper" else None
+    start = time.perf_counter()
+    with train.checkpoints(checkpoint) if checkpoint is not None else contextlib.nullcontext():
+        if method.kind == "training":
+            poisoned, _ = poisoned_training_set(result)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(setting.seed)
+                fresh = models.for_bundle(setting.model, result.data, setting.model_width).to(result.data.device)
+            defended = method.train(fresh, poisoned, scale=setting.scale, seed=setting.seed, progress=progress)
+        else:
+            given = poisoned_training_set(result)[0] if needs_poisoned_set else clean
+            defended = method.purify(result.model, given, scale=setting.scale, seed=setting.seed, progress=progress)
+    seconds = time.perf_counter() - start
+    record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
+              "diagnostics": method.diagnostics(),
+              "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
+              "environment": _environment(result.data.device)}
+    zoo.save(label, key, defended, record)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return record, defended
 
 
 def defense_rows(attacked: Mapping[str, AttackResult], names: Sequence[str], clean_ratio: float = 0.05,

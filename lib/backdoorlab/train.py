@@ -9,7 +9,9 @@ read once per epoch, so there is no host sync per step.
 With ``checkpoint=folder`` the state after every epoch (weights, optimiser, schedule, RNG
 streams, history) is saved there atomically, and a later call with the same folder resumes
 after the last saved epoch, giving bit-identical weights on the same device (used for
-``paper``-scale attack training, see ``pipeline.train_attack``).
+``paper``-scale attack training, see ``pipeline.train_attack``). ``with checkpoints(folder):``
+does the same for every ``fit`` call inside, numbered in call order, so a defense of
+several training stages resumes after a crash (``pipeline.defend`` at ``paper`` scale).
 
 BackdoorBench's recipe is the default: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
 batch 128, cosine annealing over the epochs; ``Recipe(optimizer="adam")`` gives Adam
@@ -18,6 +20,7 @@ batch 128, cosine annealing over the epochs; ``Recipe(optimizer="adam")`` gives 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -34,6 +37,8 @@ from .attacks.base import Attack
 from .data.bundle import TensorBundle, augment, to_float
 from .losses import cross_entropy
 
+# (folder, [fit calls so far]) while a ``checkpoints`` block is open
+_CHECKPOINTS: contextvars.ContextVar[tuple[Path, list[int]] | None] = contextvars.ContextVar("checkpoints", default=None)
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -161,6 +166,10 @@ def fit(
     history = History()
     if loss_fn is None:
         loss_fn = attack.training_loss if attack is not None else cross_entropy
+    if checkpoint is None and _CHECKPOINTS.get() is not None:
+        root, calls = _CHECKPOINTS.get()
+        checkpoint = root / f"fit-{calls[0]}"
+        calls[0] += 1
     if checkpoint is not None and attack is not None and attack.controls_training:
         raise ValueError(f"checkpoint/resume covers clean and data-poisoning training, not {attack.name}, "
                          "which controls training with its own optimiser state")
@@ -215,6 +224,20 @@ def fit(
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
+
+
+@contextlib.contextmanager
+def checkpoints(folder: str | os.PathLike):
+    """Per-epoch checkpoints for every ``fit`` call in the block that names none: the k-th
+    call (from 0) uses ``folder/fit-k``. Run the same deterministic code again after a crash
+    and each finished ``fit`` is restored from its last checkpoint without training, the
+    interrupted one resumes after its last saved epoch, and the work between calls (pruning,
+    a trigger search) is simply repeated. Work outside ``fit`` is not checkpointed."""
+    token = _CHECKPOINTS.set((Path(folder), [0]))
+    try:
+        yield Path(folder)
+    finally:
+        _CHECKPOINTS.reset(token)
 
 
 def save_checkpoint(folder: str | os.PathLike, epochs_done: int, recipe: Recipe, model: nn.Module,
