@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-from backdoorlab import attacks, pipeline, train, zoo
-from backdoorlab.defenses.ft import FineTuning
+from backdoorlab import attacks, defenses, mixing, pipeline, train, zoo
 from backdoorlab.losses import cross_entropy
 from backdoorlab.models import clone
 from backdoorlab.pipeline import Setting
@@ -20,7 +19,7 @@ class Crash(RuntimeError):
     pass
 
 
-def _badnets_run(checkpoint=None, crash_at=None, recipe=None):
+def _badnets_run(checkpoint=None, crash_at=None, recipe=None, mixing_method=None):
     bundle = tiny_bundle(48)
     attack = attacks.create("badnets", target=0, patch_size=2)
     poison = attack.poison_indices(bundle.train_y, 0.25, seed=0)
@@ -31,19 +30,23 @@ def _badnets_run(checkpoint=None, crash_at=None, recipe=None):
         attack.end_epoch = end_epoch
     model = tiny_model(seed=1)
     recipe = recipe or train.Recipe(epochs=4, batch_size=8, lr=0.05)
-    history = train.fit(model, bundle, recipe, attack, poison, seed=3, progress=False, checkpoint=checkpoint)
+    loss_fn = mixing.loss_fn(mixing_method, seed=5) if mixing_method else None  # fresh random streams per run
+    history = train.fit(model, bundle, recipe, attack, poison, seed=3, progress=False, checkpoint=checkpoint,
+                        loss_fn=loss_fn)
     return model, history
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_interrupted_training_resumes_bit_identically(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, mixing_method", [("sgd", None), ("adam", None), ("sgd", "fmix"),
+                                                     ("sgd", "cutmix")])
+def test_interrupted_training_resumes_bit_identically(tmp_path, optimizer, mixing_method):
+    """Also with a mixing loss, whose random streams are part of the checkpoint."""
     recipe = train.Recipe(epochs=4, batch_size=8, lr=0.05, optimizer=optimizer)
-    straight, straight_history = _badnets_run(recipe=recipe)
+    straight, straight_history = _badnets_run(recipe=recipe, mixing_method=mixing_method)
     with pytest.raises(Crash):
-        _badnets_run(tmp_path / "ckpt", crash_at=2, recipe=recipe)  # epochs 0 and 1 saved, 2 lost
+        _badnets_run(tmp_path / "ckpt", crash_at=2, recipe=recipe, mixing_method=mixing_method)  # epochs 0, 1 saved
     assert (tmp_path / "ckpt" / "checkpoint.json").exists()
     assert len(list((tmp_path / "ckpt").glob("state-*.safetensors"))) == 1
-    resumed, history = _badnets_run(tmp_path / "ckpt", recipe=recipe)
+    resumed, history = _badnets_run(tmp_path / "ckpt", recipe=recipe, mixing_method=mixing_method)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert history.loss == straight_history.loss and len(history.loss) == 4
@@ -146,8 +149,9 @@ def test_checkpoints_block_resumes_a_multi_stage_run(tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("scale, checkpointed", [("paper", True), ("smoke", False)])
-def test_paper_scale_defense_checkpoints_each_fit_and_cleans_up(tmp_path, monkeypatch, scale, checkpointed):
+@pytest.mark.parametrize("scale, defense, checkpointed", [("paper", "ft", True), ("smoke", "ft", False),
+                                                        ("paper", "nft", False)])  # NFT: not resumable
+def test_paper_scale_defense_checkpoints_each_fit_and_cleans_up(tmp_path, monkeypatch, scale, defense, checkpointed):
     monkeypatch.setenv("BACKDOORLAB_RUNS", str(tmp_path))
     setting = Setting(attack="badnets", scale="smoke", width=4)
     bundle = pipeline.load_data(setting).subset(torch.arange(64), 32)
@@ -162,8 +166,8 @@ def test_paper_scale_defense_checkpoints_each_fit_and_cleans_up(tmp_path, monkey
         train.fit(tuned, clean, train.Recipe(epochs=2, batch_size=4), progress=False)
         return tuned
 
-    monkeypatch.setattr(FineTuning, "purify", one_epoch_ft)
-    pipeline.defend(result, "ft", clean_ratio=0.25, progress=False)
+    monkeypatch.setattr(defenses.DEFENSES.get(defense), "purify", one_epoch_ft)
+    pipeline.defend(result, defense, clean_ratio=0.25, progress=False)
     assert bool(saved) == checkpointed
     if checkpointed:
         assert [p.name for p in saved] == ["fit-0", "fit-0"] and saved[0].parent.name == "checkpoint"

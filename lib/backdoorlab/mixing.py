@@ -130,23 +130,48 @@ def mixed_cross_entropy(logits: torch.Tensor, mixed: Mixed) -> torch.Tensor:
     return mixed.lam * F.cross_entropy(logits, mixed.y_a) + (1 - mixed.lam) * F.cross_entropy(logits, mixed.y_b)
 
 
-def loss_fn(method: str, *, alpha: float = 1.0, decay_power: float = 3.0, seed: int = 0) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+class MixingLoss:
     """A ``train.fit`` loss that mixes every batch with ``method`` and returns the mixed
-    cross-entropy and the logits (``fit``'s running accuracy is then against ``y_a``)."""
-    check(method, alpha, decay_power)
-    rng = np.random.default_rng(seed)
-    generators: dict[torch.device, torch.Generator] = {}
+    cross-entropy and the logits (``fit``'s running accuracy is then against ``y_a``).
 
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = generators.get(x.device)
-        if gen is None:
-            gen = generators[x.device] = torch.Generator(device=x.device).manual_seed(seed)
-        mixed = mix(x, y, method, alpha=alpha, decay_power=decay_power, generator=gen, rng=rng)
+    Its random streams (a NumPy generator for the mixing ratios and boxes, a torch generator
+    per device for the permutations and FMix masks) are part of a training checkpoint:
+    ``checkpoint_state`` / ``restore_checkpoint_state``, which ``train.fit`` saves and restores, so a
+    resumed run draws the same mixes as an uninterrupted one."""
+
+    def __init__(self, method: str, *, alpha: float = 1.0, decay_power: float = 3.0, seed: int = 0) -> None:
+        check(method, alpha, decay_power)
+        self.method, self.alpha, self.decay_power, self.seed = method, alpha, decay_power, seed
+        self.rng = np.random.default_rng(seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self.generators:
+            self.generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[key]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed = mix(x, y, self.method, alpha=self.alpha, decay_power=self.decay_power,
+                    generator=self._generator(x.device), rng=self.rng)
         logits = model(mixed.x)
         return mixed_cross_entropy(logits, mixed), logits
 
-    return loss
+    def checkpoint_state(self) -> dict:
+        """JSON-ready state of the random streams."""
+        return {"numpy": self.rng.bit_generator.state,
+                "torch": {device: gen.get_state().tolist() for device, gen in self.generators.items()}}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy"]
+        for device, values in state["torch"].items():
+            self._generator(torch.device(device)).set_state(torch.tensor(values, dtype=torch.uint8))
 
 
-__all__ = ["METHODS", "Mixed", "check", "sample_lambda", "fmix_mask", "cutmix_mask", "mix", "mixed_cross_entropy",
+def loss_fn(method: str, *, alpha: float = 1.0, decay_power: float = 3.0, seed: int = 0) -> MixingLoss:
+    """A ``train.fit`` loss that mixes every batch with ``method`` (see :class:`MixingLoss`)."""
+    return MixingLoss(method, alpha=alpha, decay_power=decay_power, seed=seed)
+
+
+__all__ = ["METHODS", "Mixed", "MixingLoss", "check", "sample_lambda", "fmix_mask", "cutmix_mask", "mix", "mixed_cross_entropy",
            "loss_fn"]

@@ -232,8 +232,8 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
         if zoo.exists(label, key):
             record = zoo.load(label, key, defended)
         else:
-            record, defended = _defend_and_save(method, result, clean, clean_idx, needs_poisoned_set, defended,
-                                                label, key, progress)
+            record, defended = _defend_and_save(method, result, clean, clean_idx, needs_poisoned_set, label, key,
+                                                progress)
     defended.eval()
     row = {"attack": setting.attack, "defense": defense, **record["metrics"], "seconds": record["seconds"],
            "clean_samples": record["clean"]["count"]}
@@ -246,12 +246,14 @@ def defend(result: AttackResult, defense: str, clean_ratio: float = 0.05, progre
 
 
 def _defend_and_save(method: defenses.Defense, result: AttackResult, clean: TensorBundle, clean_idx: torch.Tensor,
-                     needs_poisoned_set: bool, defended: nn.Module, label: str, key: dict[str, Any],
+                     needs_poisoned_set: bool, label: str, key: dict[str, Any],
                      progress: bool) -> tuple[dict[str, Any], nn.Module]:
-    """Run the defense and store it in the zoo. At ``paper`` scale every ``fit`` inside it
-    checkpoints each epoch, and a rerun after a crash resumes (see ``train.checkpoints``)."""
+    """Run the defense and store it in the zoo. At ``paper`` scale every ``fit`` inside a
+    resumable defense checkpoints each epoch, and a rerun after a crash resumes (see
+    ``train.checkpoints``)."""
     setting = result.setting
-    checkpoint = zoo.entry_dir(label, key) / "checkpoint" if setting.scale == "paper" else None
+    resumable = setting.scale == "paper" and method.resumable
+    checkpoint = zoo.entry_dir(label, key) / "checkpoint" if resumable else None
     start = time.perf_counter()
     with train.checkpoints(checkpoint) if checkpoint is not None else contextlib.nullcontext():
         if method.kind == "training":

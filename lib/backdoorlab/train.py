@@ -147,6 +147,8 @@ def fit(
 
     ``checkpoint``: a folder for per-epoch checkpoints; an existing one is resumed. Not
     for training-controlled attacks (their trigger generators have their own optimisers).
+    A ``loss_fn`` with random state of its own (``mixing.MixingLoss``) has it saved and
+    restored through its ``checkpoint_state`` / ``restore_checkpoint_state``.
     """
     device = data.device
     if (attack is None) != (poison_indices is None):
@@ -177,7 +179,8 @@ def fit(
         attack.begin_training(model, data, recipe)
     first_epoch = 0
     if checkpoint is not None:
-        first_epoch = load_checkpoint(checkpoint, recipe, model, optimizer, scheduler, gen, order_gen, history)
+        first_epoch = load_checkpoint(checkpoint, recipe, model, optimizer, scheduler, gen, order_gen, history,
+                                      loss_fn)
     start = time.perf_counter() - history.seconds
     model.train()
     with progress_bar(recipe.epochs * steps_per_epoch, desc, progress) as bar:
@@ -220,7 +223,8 @@ def fit(
             bar.set_postfix(epoch=epoch + 1, loss=f"{history.loss[-1]:.3f}", acc=f"{history.acc[-1]:.3f}")
             if checkpoint is not None:
                 history.seconds = time.perf_counter() - start
-                save_checkpoint(checkpoint, epoch + 1, recipe, model, optimizer, scheduler, gen, order_gen, history)
+                save_checkpoint(checkpoint, epoch + 1, recipe, model, optimizer, scheduler, gen, order_gen, history,
+                                loss_fn)
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
@@ -242,7 +246,7 @@ def checkpoints(folder: str | os.PathLike):
 
 def save_checkpoint(folder: str | os.PathLike, epochs_done: int, recipe: Recipe, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, gen: torch.Generator,
-                    order_gen: torch.Generator, history: History) -> None:
+                    order_gen: torch.Generator, history: History, loss_fn: Any = None) -> None:
     """Write the training state after ``epochs_done`` epochs: tensors as safetensors, the
     rest as JSON; ``checkpoint.json`` is written last and names the tensor file, so a
     crash mid-save leaves the previous checkpoint intact."""
@@ -270,6 +274,7 @@ def save_checkpoint(folder: str | os.PathLike, epochs_done: int, recipe: Recipe,
         "epochs_done": epochs_done, "tensors": name, "recipe": recipe.key(),
         "param_groups": state["param_groups"], "optim_scalars": optim_scalars,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "loss_state": loss_fn.checkpoint_state() if hasattr(loss_fn, "checkpoint_state") else None,
         "history": dataclasses.asdict(history)})
     for old in folder.glob("state-*.safetensors"):
         if old.name != name:
@@ -277,7 +282,8 @@ def save_checkpoint(folder: str | os.PathLike, epochs_done: int, recipe: Recipe,
 
 
 def load_checkpoint(folder: str | os.PathLike, recipe: Recipe, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, gen: torch.Generator, order_gen: torch.Generator, history: History) -> int:
+                    scheduler: Any, gen: torch.Generator, order_gen: torch.Generator, history: History,
+                    loss_fn: Any = None) -> int:
     """Restore a ``save_checkpoint`` folder in place; returns the epochs already done (0 if none)."""
     from safetensors.torch import load_file
 
@@ -305,6 +311,8 @@ def load_checkpoint(folder: str | os.PathLike, recipe: Recipe, model: nn.Module,
     torch.set_rng_state(tensors["rng/torch"])
     if "rng/cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng/cuda"], gen.device)
+    if meta.get("loss_state") is not None and hasattr(loss_fn, "restore_checkpoint_state"):
+        loss_fn.restore_checkpoint_state(meta["loss_state"])
     for name, value in meta["history"].items():
         setattr(history, name, value)
     return int(meta["epochs_done"])

@@ -49,6 +49,10 @@ class Defense:
     # What `purify` is handed: "clean" (the defender's clean subset) or "poisoned_training_set" (the
     # unlabelled-as-poisoned training set the model was trained on, e.g. EP's threat model).
     data_source: ClassVar[str] = "clean"
+    # Whether a rerun after a crash may resume the defense's ``fit`` calls from their per-epoch
+    # checkpoints (``paper`` scale, ``train.checkpoints``); False where a loss or an optimiser
+    # hook keeps a step count that ``fit`` does not save, so a resumed run would differ.
+    resumable: ClassVar[bool] = True
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

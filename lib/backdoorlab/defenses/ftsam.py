@@ -231,6 +231,7 @@ class FTSAM(Defense):
     t_max: int = 100  # that schedule's T_max (in batches)
 
     name = "ftsam"
+    resumable = False  # the per-batch cosine schedule counts steps in an optimiser hook
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:

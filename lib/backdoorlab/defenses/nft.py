@@ -194,6 +194,7 @@ class NFT(Defense):
     batch_size: int | None = None
 
     name = "nft"
+    resumable = False  # the per-block learning rate follows a step counter inside the loss
 
     def __post_init__(self) -> None:
         if self.augmentation not in AUGMENTATIONS:
