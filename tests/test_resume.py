@@ -157,16 +157,20 @@ def test_paper_scale_defense_checkpoints_each_fit_and_cleans_up(tmp_path, monkey
     bundle = pipeline.load_data(setting).subset(torch.arange(64), 32)
     result = pipeline.train_attack(setting, bundle, progress=False)
     result = dataclasses.replace(result, setting=dataclasses.replace(setting, scale=scale))
-    saved = []
-    real_save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda folder, *a, **k: (saved.append(folder), real_save(folder, *a, **k)))
+    saved, real_save = [], train.save_checkpoint
 
-    def one_epoch_ft(self, model, clean, **kwargs):
+    def recording_save(folder, *args, **kwargs):
+        saved.append(folder)
+        real_save(folder, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+
+    def two_epoch_ft(self, model, clean, **kwargs):
         tuned = clone(model)
         train.fit(tuned, clean, train.Recipe(epochs=2, batch_size=4), progress=False)
         return tuned
 
-    monkeypatch.setattr(defenses.DEFENSES.get(defense), "purify", one_epoch_ft)
+    monkeypatch.setattr(defenses.DEFENSES.get(defense), "purify", two_epoch_ft)
     pipeline.defend(result, defense, clean_ratio=0.25, progress=False)
     assert bool(saved) == checkpointed
     if checkpointed:

@@ -38,7 +38,8 @@ from .data.bundle import TensorBundle, augment, to_float
 from .losses import cross_entropy
 
 # (folder, [fit calls so far]) while a ``checkpoints`` block is open
-_CHECKPOINTS: contextvars.ContextVar[tuple[Path, list[int]] | None] = contextvars.ContextVar("checkpoints", default=None)
+_CHECKPOINTS: contextvars.ContextVar[tuple[Path, list[int]] | None] = contextvars.ContextVar("checkpoints",
+                                                                                             default=None)
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
