@@ -23,6 +23,10 @@ images stay float.
 
 Grayscale: one-channel images have no U/V, so on them the default is refused with a clear
 error; ``channels=(0,)`` (the class's ``grayscale_params``) is the documented luma variant.
+With the default magnitude 30 it moves a 28x28 pixel by about 1.3 grey levels on average
+(3.7 at most), and on mnist5k at ``default`` it is learnt for seed 0 (ASR 1.000) but not
+for seed 1 (0.008). ``smoke_params`` (magnitude 255), the setting of the learning test and
+of the BackdoorBench notebook's ``variants`` grid, is learnt (ASR 1.0 at ``smoke``).
 
 >>> attack = FTrojan(magnitude=30)
 >>> poisoned = attack.apply(images)          # float[B, C, H, W] in [0, 1]
@@ -44,7 +48,7 @@ class FTrojan(FrequencyAttack):
     window: int | None = 32  # DCT block side (None: the whole image)
 
     name = "ftrojan"
-    smoke_params = {"magnitude": 255}  # the default (~4 grey levels) is not learnt in 4 smoke epochs on MNIST
+    smoke_params = {"magnitude": 255}  # the default (~1 grey level on average) is not reliably learnt on MNIST
 
     def __post_init__(self) -> None:
         super().__post_init__()
