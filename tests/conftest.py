@@ -47,7 +47,7 @@ def attack_results(smoke_setting, smoke_data):
     """One trained smoke model per registered attack (trained once per session)."""
     from backdoorlab import attacks
 
-    # Attacks whose paper defaults 4 smoke epochs on MNIST cannot learn declare stronger, test-only
+    # Attacks whose paper defaults 4 smoke epochs on MNIST cannot learn declare stronger
     # `smoke_params` (FTrojan/CTRL magnitude, WaNet s, BppAttack levels, LIRA eps, Input-aware cross ratio,
     # LC's checkerboard size, Adaptive-Patch without cover samples).
     return {name: train_attack(smoke_setting.with_attack(name, **smoke_params(name)), smoke_data, progress=False)

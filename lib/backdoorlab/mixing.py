@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -135,9 +134,9 @@ class MixingLoss:
     cross-entropy and the logits (``fit``'s running accuracy is then against ``y_a``).
 
     Its random streams (a NumPy generator for the mixing ratios and boxes, a torch generator
-    per device for the permutations and FMix masks) are part of a training checkpoint:
-    ``checkpoint_state`` / ``restore_checkpoint_state``, which ``train.fit`` saves and restores, so a
-    resumed run draws the same mixes as an uninterrupted one."""
+    per device for the permutations and FMix masks) are part of a training checkpoint
+    (``checkpoint_state`` / ``restore_checkpoint_state``, saved and restored by ``train.fit``),
+    so a resumed run draws the same mixes as an uninterrupted one."""
 
     def __init__(self, method: str, *, alpha: float = 1.0, decay_power: float = 3.0, seed: int = 0) -> None:
         check(method, alpha, decay_power)
@@ -173,5 +172,5 @@ def loss_fn(method: str, *, alpha: float = 1.0, decay_power: float = 3.0, seed: 
     return MixingLoss(method, alpha=alpha, decay_power=decay_power, seed=seed)
 
 
-__all__ = ["METHODS", "Mixed", "MixingLoss", "check", "sample_lambda", "fmix_mask", "cutmix_mask", "mix", "mixed_cross_entropy",
-           "loss_fn"]
+__all__ = ["METHODS", "Mixed", "MixingLoss", "check", "sample_lambda", "fmix_mask", "cutmix_mask", "mix",
+           "mixed_cross_entropy", "loss_fn"]

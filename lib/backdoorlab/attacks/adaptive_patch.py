@@ -84,7 +84,7 @@ class AdaptivePatch(AdaptiveMixin, Attack):
     cover_share: float = 2 / 3  # share of the poisoned samples that keep their true label, [0, 1)
 
     name = "adaptive_patch"
-    smoke_params: ClassVar[dict] = {"cover_share": 0.0}  # test-only: without covers the patches are learnt
+    smoke_params: ClassVar[dict] = {"cover_share": 0.0}  # learning test and `variants` grid: without covers it is learnt
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -54,7 +54,7 @@ class BppAttack(Attack):
 
     name = "bpp"
     controls_training = True
-    # For tests at ``smoke`` scale only: 8 levels are not learnt on mnist5k (see above).
+    # For the learning test and the `variants` grid: 8 levels are not learnt on mnist5k (see above).
     smoke_params: ClassVar[dict] = {"squeeze_num": 2}
 
     def __post_init__(self) -> None:

@@ -71,7 +71,7 @@ class LC(Attack):
 
     name = "lc"
     clean_label = True
-    smoke_params: ClassVar[dict] = {"patch_size": 6}  # test-only: the 3x3 default is not reliably learnt on MNIST
+    smoke_params: ClassVar[dict] = {"patch_size": 6}  # learning test and `variants` grid: 3x3 is not reliably learnt
 
     def __post_init__(self) -> None:
         super().__post_init__()
