@@ -56,7 +56,7 @@ def attack_results(smoke_setting, smoke_data):
 
 def smoke_params(name: str) -> dict:
     """An attack's parameters in the learning tests: its grayscale variant on mnist5k (if it needs colour)
-    and its test-only ``smoke_params``."""
+    and its stronger ``smoke_params``."""
     from backdoorlab import attacks
 
     return {**attacks.params_for(name, (1, 28, 28)), **attacks.ATTACKS.get(name).smoke_params}

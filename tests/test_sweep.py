@@ -155,6 +155,7 @@ def test_invalid_grid_fails_before_anything_runs(runs_root, tmp_path):
 
 def test_local_sweep_two_workers_end_to_end(runs_root, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     log = tmp_path / "log.jsonl"
     gfile = write_grid(tmp_path / "g.yaml", {"fixed": {"log_file": str(log)},
                                              "cross": {"lr": [0.5, 2], "items": [["a"], ["a", "b"]]}})
@@ -173,6 +174,8 @@ def test_local_sweep_two_workers_end_to_end(runs_root, tmp_path, capsys, monkeyp
     assert os.getpid() not in device_of and len(device_of) <= 2 and set(device_of.values()) <= {"7", "9"}
     assert len(set(device_of.values())) == len(device_of)  # round robin: distinct workers, distinct devices
     assert all(env["notebook"]["cuda_visible_devices"] == env["cuda_visible_devices"] for env in envs)  # kernel sees it
+    share = str(max(1, (os.cpu_count() or 1) // 2))  # two kernels at once: each gets half of the cores
+    assert all(env["notebook"]["omp_num_threads"] == share for env in envs)
     for s in settings:
         folder = runs_root / "Tiny" / s.setting_id
         done = json.loads((folder / "done.json").read_text())

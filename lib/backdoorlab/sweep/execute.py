@@ -109,12 +109,20 @@ def run_setting(notebook_path: str, notebook: str, setting_id: str, parameters: 
 # --- executors: each yields result dicts as settings complete -------------------------------------------------
 
 
-def _init_worker(devices: Sequence[str], counter: Any) -> None:
-    """Give each local worker process one device, round robin (the notebook's ``auto`` then sees one GPU)."""
+def _init_worker(devices: Sequence[str], counter: Any, threads: int) -> None:
+    """Give each local worker process one device, round robin (the notebook's ``auto`` then sees one GPU),
+    and its share of the CPU threads (its kernels inherit ``OMP_NUM_THREADS``; a value the user set is kept)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if devices:
         with counter.get_lock():
             index, counter.value = counter.value, counter.value + 1
         os.environ["CUDA_VISIBLE_DEVICES"] = str(devices[index % len(devices)])
+
+
+def thread_share(workers: int) -> int:
+    """CPU threads per worker when ``workers`` settings run at once: without a share, every kernel's torch
+    takes all cores and they oversubscribe the machine."""
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def run_local(tasks: list[dict], workers: int = 1, devices: Sequence[str] = ()) -> Iterator[dict]:
@@ -127,7 +135,7 @@ def run_local(tasks: list[dict], workers: int = 1, devices: Sequence[str] = ()) 
         return
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(list(devices), context.Value("i", 0)))
+                               initargs=(list(devices), context.Value("i", 0), thread_share(workers)))
     try:
         futures = {pool.submit(run_setting, **task): task for task in tasks}
         for future in as_completed(futures):
