@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--scale", default="smoke", choices=list(scales.SCALES), help="the defenses' epochs and batch sizes")
     p.add_argument("--defenses", default=",".join(DOMINANT), help=f"comma-separated; valid: {', '.join(defenses.names())}")
-    p.add_argument("--attack-epochs", type=int, default=2)
+    p.add_argument("--attack-epochs", type=int, default=5)
     p.add_argument("--workers", type=int, default=default_workers(), help="conventional DataLoader workers")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
