@@ -16,6 +16,7 @@ from backdoorlab.defenses import ft, tools
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import concurrent_models  # noqa: E402
 import conventional  # noqa: E402  (benchmarks/ is not a package)
 import defense_throughput  # noqa: E402
 import train_throughput  # noqa: E402
@@ -86,3 +87,25 @@ def test_defense_throughput_rejects_unknown_defense(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["defense_throughput", "--defenses", "ft,nope"])
     with pytest.raises(SystemExit):
         defense_throughput.main()
+
+
+def test_concurrent_models_runs_the_same_jobs_at_each_level(runs_root, monkeypatch):
+    out = run_script(concurrent_models, ["--n", "256", "--width", "2", "--epochs", "1", "--batch-size", "64",
+                                         "--models", "2", "--concurrency", "2", "--threads", "1"], monkeypatch,
+                     runs_root, "concurrent_models")
+    one, two = out["levels"]
+    assert (one["workers"], two["workers"]) == (1, 2)  # one at a time is always the reference
+    assert [job["seed"] for job in one["jobs"]] == [job["seed"] for job in two["jobs"]] == [0, 1]
+    assert one["processes_used"] == 1 and two["processes_used"] == 2  # the jobs really ran side by side
+    assert one["threads_per_worker"] == two["threads_per_worker"] == 1
+    # concurrency changes the speed, not the jobs: at the same thread count each seed's model is the same
+    assert two["max_abs_diff_vs_one_at_a_time"] == {"acc": 0.0, "asr": 0.0, "loss": 0.0}
+    assert one["jobs"][0]["loss"] != one["jobs"][1]["loss"]  # and the seeds really differ
+
+
+def test_concurrent_models_rejects_bad_levels(monkeypatch):
+    for argv, message in ((["--concurrency", "0,2"], "worker counts"), (["--concurrency", "x"], "worker counts"),
+                          (["--threads", "0"], "threads")):
+        monkeypatch.setattr(sys, "argv", ["concurrent_models", *argv])
+        with pytest.raises(SystemExit, match=message):
+            concurrent_models.main()
