@@ -25,22 +25,11 @@ install: $(STAMP)
 reproduce: install
 	$(PY) -m backdoorlab reproduce --scale $(SCALE)
 
-## Unit tests and every notebook under nbval at the `smoke` scale, run side by side as two pytest streams, each with
-## its own fresh zoo. The unit tests keep torch's default thread count, at which their learning margins were
-## measured; the notebooks run on one thread (their checks hold at any thread count). A thread count changes a
-## model's last bits and, at smoke size, sometimes whether a backdoor takes, so no zoo is shared across counts.
-TEST_ENV := BACKDOORLAB_SCALE=smoke BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg
-PYTEST   := $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=15
-
+## Unit tests, then every notebook under nbval at the `smoke` scale, sharing one fresh zoo.
 test: install
-	rm -rf $(TEST_RUNS) && mkdir -p $(TEST_RUNS)/unit $(TEST_RUNS)/notebooks
-	@$(TEST_ENV) BACKDOORLAB_RUNS=$(TEST_RUNS)/notebooks OMP_NUM_THREADS=1 $(PYTEST) notebooks \
-		> $(TEST_RUNS)/notebooks.log 2>&1 & notebooks=$$!; \
-	$(TEST_ENV) BACKDOORLAB_RUNS=$(TEST_RUNS)/unit $(PYTEST) tests; unit=$$?; \
-	wait $$notebooks; nbval=$$?; \
-	echo "=== notebooks under nbval (ran beside the unit tests; log: $(TEST_RUNS)/notebooks.log) ==="; \
-	cat $(TEST_RUNS)/notebooks.log; \
-	exit $$(( unit != 0 || nbval != 0 ))
+	rm -rf $(TEST_RUNS)
+	BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg \
+		$(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=25 tests notebooks
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks

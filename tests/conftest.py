@@ -1,5 +1,5 @@
 """Shared fixtures. Trained `smoke` models are session-scoped and backed by the zoo
-(``BACKDOORLAB_RUNS``, set by ``make test`` to a fresh folder of the unit tests' own)."""
+(``BACKDOORLAB_RUNS``, set by ``make test`` to a fresh folder shared with nbval)."""
 from __future__ import annotations
 
 import atexit
