@@ -96,6 +96,8 @@ def conventional_fit(model, data: TensorBundle, recipe: train.Recipe, attack=Non
     ``conventional_pipeline``'s, else ``default_workers()``. Progress bars and checkpoints
     are not part of the conventional loop and are ignored."""
     CALLS["fit"] += 1
+    if recipe.schedule == "warmup-cosine" or not recipe.decay_norms_and_biases:
+        raise ValueError("the conventional loop models BackdoorBench's recipes, not CLIP's (warm-up, decay exemptions)")
     if attack is not None and attack.controls_training:
         raise ValueError(f"the conventional pipeline poisons a dataset; {attack.name} controls training")
     device = data.device

@@ -108,7 +108,7 @@ def test_bad_input_is_refused_before_compute(parts, monkeypatch):
 
 
 def test_pretrained_tiny_clip_classifies_zero_shot(pretrained, data):
-    assert clip.zero_shot(pretrained, data)["acc"] >= 0.6  # 10 classes: chance is 0.1
+    assert clip.zero_shot(pretrained, data)["acc"] >= 0.6  # 10 classes: chance is 0.1; measured 0.918
 
 
 def test_badclip_patch_lowers_its_objective(pretrained, parts):
@@ -141,7 +141,7 @@ def test_poisoned_clip_has_asr_well_above_a_clean_one(pretrained, data, blended)
     trigger, backdoored = blended
     clean = clip.zero_shot(pretrained, data, trigger)
     poisoned = clip.zero_shot(backdoored, data, trigger)
-    # measured (2 threads): non-target ASR 0.01 on the clean model, 0.94 after poisoning
+    # measured (2 threads): non-target ASR 0.015 on the clean model, 0.922 after poisoning
     assert poisoned["asr_nontarget"] >= clean["asr_nontarget"] + 0.6
     assert poisoned["acc"] >= clean["acc"] - 0.05
 
@@ -152,7 +152,7 @@ def test_cleanclip_lowers_a_baseline_attacks_asr(data, parts, blended):
     before = clip.zero_shot(backdoored, data, trigger)
     after = clip.zero_shot(defended, data, trigger)
     assert defended.lineage["parent"] == backdoored.lineage  # the zoo key names the whole lineage
-    # measured (2 threads): non-target ASR 0.94 -> 0.18, zero-shot accuracy 0.908 -> 0.864 (CleanCLIP's
-    # strong augmentations on 1,000 pairs cost a few points at smoke; at default 0.975 -> 0.991)
+    # measured (2 threads): non-target ASR 0.922 -> 0.084, zero-shot accuracy 0.910 -> 0.900 (CleanCLIP's
+    # strong augmentations on 1,000 pairs cost a point at smoke)
     assert after["asr_nontarget"] <= before["asr_nontarget"] - 0.3
     assert after["acc"] >= before["acc"] - 0.1

@@ -130,6 +130,45 @@ def test_recipe_optimizer_choice():
         train.Recipe(epochs=1, optimizer="lbfgs")
 
 
+def test_warmup_cosine_schedule_steps_per_optimiser_step():
+    assert [train.warmup_cosine(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.warmup_cosine(4, 4, 12) == 1.0 and train.warmup_cosine(8, 4, 12) == pytest.approx(0.5)
+    assert train.warmup_cosine(12, 4, 12) == pytest.approx(0.0)
+    recipe = train.Recipe(epochs=3, lr=0.1, optimizer="adamw", schedule="warmup-cosine", warmup_steps=4)
+    optimizer = recipe.make_optimizer([torch.nn.Parameter(torch.zeros(3))])
+    scheduler = recipe.make_scheduler(optimizer, epoch_steps=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.1 * train.warmup_cosine(s, 4, 12) for s in range(12)])
+    assert recipe.key()["warmup_steps"] == 4 and recipe.key()["schedule"] == "warmup-cosine"
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0 and needs schedule='warmup-cosine'"):
+        train.Recipe(epochs=1, warmup_steps=2)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; valid choices: cosine, constant, warmup-cosine"):
+        train.Recipe(epochs=1, schedule="linear")
+
+
+def test_clip_rule_exempts_biases_norms_and_logit_scale_from_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LayerNorm(16), torch.nn.Linear(16, 2))
+    model.logit_scale = torch.nn.Parameter(torch.ones([]))
+    recipe = train.Recipe(epochs=1, optimizer="adamw", weight_decay=0.1, decay_norms_and_biases=False)
+    decayed, exempt = recipe.make_optimizer(model.named_parameters()).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["0.weight", "4.weight"]
+    assert decayed["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in exempt["params"]) == ["0.bias", "1.bias", "1.weight", "3.bias", "3.weight",
+                                                              "4.bias", "logit_scale"]
+    assert train.exempt_from_decay("visual.bn1.weight", torch.zeros(2, 2))  # by name, as the official rule
+    assert not train.exempt_from_decay("visual.attnpool.k_proj.weight", torch.zeros(2, 2))
+    assert len(train.Recipe(epochs=1).make_optimizer(model.named_parameters()).param_groups) == 1  # the default
+    assert "decay_norms_and_biases" not in train.Recipe(epochs=1).key() and not recipe.key()["decay_norms_and_biases"]
+    with pytest.raises(ValueError, match="needs named parameters"):
+        recipe.make_optimizer(model.parameters())
+
+
 def test_mixing_setting_is_checked_and_keeps_old_keys():
     plain = pipeline.Setting(attack="badnets")
     assert "mixing" not in plain.key() and plain.id.endswith("-default")

@@ -36,11 +36,16 @@ def _badnets_run(checkpoint=None, crash_at=None, recipe=None, mixing_method=None
     return model, history
 
 
-@pytest.mark.parametrize("optimizer, mixing_method", [("sgd", None), ("adam", None), ("sgd", "fmix"),
-                                                     ("sgd", "cutmix")])
-def test_interrupted_training_resumes_bit_identically(tmp_path, optimizer, mixing_method):
-    """Also with a mixing loss, whose random streams are part of the checkpoint."""
-    recipe = train.Recipe(epochs=4, batch_size=8, lr=0.05, optimizer=optimizer)
+CLIP_RECIPE = dict(optimizer="adamw", weight_decay=0.1, schedule="warmup-cosine", warmup_steps=5,
+                   decay_norms_and_biases=False)  # two parameter groups and a per-step schedule
+
+
+@pytest.mark.parametrize("options, mixing_method", [({}, None), ({"optimizer": "adam"}, None), ({}, "fmix"),
+                                                   ({}, "cutmix"), (CLIP_RECIPE, None)])
+def test_interrupted_training_resumes_bit_identically(tmp_path, options, mixing_method):
+    """Also with a mixing loss, whose random streams are part of the checkpoint, and with
+    CLIP's recipe, whose per-step learning rate is part of it."""
+    recipe = train.Recipe(epochs=4, batch_size=8, lr=0.05, **options)
     straight, straight_history = _badnets_run(recipe=recipe, mixing_method=mixing_method)
     with pytest.raises(Crash):
         _badnets_run(tmp_path / "ckpt", crash_at=2, recipe=recipe, mixing_method=mixing_method)  # epochs 0, 1 saved

@@ -15,7 +15,10 @@ several training stages resumes after a crash (``pipeline.defend`` at ``paper`` 
 
 BackdoorBench's recipe is the default: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
 batch 128, cosine annealing over the epochs; ``Recipe(optimizer="adam")`` gives Adam
-(i-BAU and SAU use it, as in BackdoorBench).
+(i-BAU and SAU use it, as in BackdoorBench). CLIP's recipe (the OpenAI/CleanCLIP/BadCLIP training
+code) is AdamW with ``schedule="warmup-cosine"`` (a linear warm-up of ``warmup_steps``, then a
+cosine to 0, both per step) and ``decay_norms_and_biases=False`` (no weight decay on biases,
+norm layers and the logit scale).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +44,7 @@ from .losses import cross_entropy
 # (folder, [fit calls so far]) while a ``checkpoints`` block is open
 _CHECKPOINTS: contextvars.ContextVar[tuple[Path, list[int]] | None] = contextvars.ContextVar("checkpoints",
                                                                                              default=None)
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "warmup-cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -52,10 +56,11 @@ class Recipe:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # per epoch; "warmup-cosine" per step, after ``warmup_steps`` linear ones
     augment: bool = True
     optimizer: str = "sgd"  # "adam"/"adamw" ignore momentum (betas 0.9/0.999); i-BAU and SAU use Adam, CLIP AdamW
-
+    warmup_steps: int = 0
+    decay_norms_and_biases: bool = True  # False: CLIP's rule, see ``exempt_from_decay``
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -66,23 +71,70 @@ class Recipe:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+        if self.warmup_steps < 0 or (self.warmup_steps and self.schedule != "warmup-cosine"):
+            raise ValueError(f"warmup_steps must be >= 0 and needs schedule='warmup-cosine', got {self.warmup_steps} "
+                             f"with {self.schedule!r}")
 
     def key(self) -> dict[str, Any]:
-        """The fields a zoo key records. ``optimizer`` came after the first zoo entries; at
-        its default (SGD) it is left out, so those entries keep their keys."""
+        """The fields a zoo key records. ``optimizer``, ``warmup_steps`` and
+        ``decay_norms_and_biases`` came after the first zoo entries; at their defaults they
+        are left out, so those entries keep their keys."""
         fields = dataclasses.asdict(self)
-        if fields["optimizer"] == "sgd":
-            del fields["optimizer"]
+        for name, default in (("optimizer", "sgd"), ("warmup_steps", 0), ("decay_norms_and_biases", True)):
+            if fields[name] == default:
+                del fields[name]
         return fields
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
-        """The recipe's optimiser over ``params`` (fused kernels on CUDA)."""
-        params = list(params)
-        fused = {"fused": True} if params and params[0].is_cuda else {}
+        """The recipe's optimiser over ``params``: tensors, or ``(name, tensor)`` pairs as
+        ``named_parameters()`` gives them, which ``decay_norms_and_biases=False`` needs (fused
+        kernels on CUDA)."""
+        named = [p if isinstance(p, tuple) else (None, p) for p in params]
+        tensors = [p for _, p in named]
+        fused = {"fused": True} if tensors and tensors[0].is_cuda else {}
+        groups: list[dict[str, Any]] | list[torch.Tensor] = tensors
+        if not self.decay_norms_and_biases:
+            if any(name is None for name, _ in named):
+                raise ValueError("decay_norms_and_biases=False needs named parameters (model.named_parameters())")
+            exempt = [exempt_from_decay(name, p) for name, p in named]
+            groups = [{"params": [p for p, e in zip(tensors, exempt) if not e]},
+                      {"params": [p for p, e in zip(tensors, exempt) if e], "weight_decay": 0.0}]
+            groups = [g for g in groups if g["params"]]
         if self.optimizer in ("adam", "adamw"):
             cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
-            return cls(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, **fused)
+            return cls(groups, lr=self.lr, weight_decay=self.weight_decay, **fused)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, **fused)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, epoch_steps: int) -> Any:
+        """The learning-rate schedule (``None`` for a constant rate); ``fit`` steps a
+        ``"warmup-cosine"`` one after every optimiser step, a ``"cosine"`` one after every epoch."""
+        if self.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        if self.schedule == "warmup-cosine":
+            total = self.epochs * epoch_steps
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, self.warmup_steps,
+                                                                                          total))
+        return None
+
+
+def exempt_from_decay(name: str, param: torch.Tensor) -> bool:
+    """CLIP's rule for parameters without weight decay: biases, norm-layer scales, the logit
+    scale and any other tensor of fewer than two dimensions."""
+    return param.ndim < 2 or "bias" in name or "logit_scale" in name or any(
+        part.startswith(("bn", "ln")) for part in name.split("."))
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor of optimiser step ``step`` (from 0) of ``total``: linear from
+    ``1/warmup`` to 1 over the first ``warmup`` steps, then a cosine from 1 to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(1, total - warmup)))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps ``fit`` takes per epoch over ``n`` samples (a last batch of one is dropped)."""
+    return max(1, n // batch_size + (n % batch_size > 1))
 
 
 @dataclass
@@ -160,12 +212,12 @@ def fit(
     if poison_indices is not None:
         poisoned[poison_indices.to(device)] = True
 
-    optimizer = recipe.make_optimizer(model.parameters())
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
-                 if recipe.schedule == "cosine" else None)
+    optimizer = recipe.make_optimizer(model.named_parameters())
+    epoch_steps = steps_per_epoch(n, recipe.batch_size)
+    scheduler = recipe.make_scheduler(optimizer, epoch_steps)
+    per_step = recipe.schedule == "warmup-cosine"
     gen = torch.Generator(device=device).manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = max(1, n // recipe.batch_size + (n % recipe.batch_size > 1))
     history = History()
     if loss_fn is None:
         loss_fn = attack.training_loss if attack is not None else cross_entropy
@@ -184,14 +236,14 @@ def fit(
                                       loss_fn)
     start = time.perf_counter() - history.seconds
     model.train()
-    with progress_bar(recipe.epochs * steps_per_epoch, desc, progress) as bar:
-        bar.update(first_epoch * steps_per_epoch)
+    with progress_bar(recipe.epochs * epoch_steps, desc, progress) as bar:
+        bar.update(first_epoch * epoch_steps)
         for epoch in range(first_epoch, recipe.epochs):
             order = torch.randperm(n, generator=order_gen).to(device, non_blocking=True)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             seen = 0  # a host-side count: no sync
-            for step in range(steps_per_epoch):
+            for step in range(epoch_steps):
                 idx = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
                 if len(idx) < 2:  # a batch of one breaks BatchNorm
                     continue
@@ -209,18 +261,20 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if per_step:
+                    scheduler.step()
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.detach().argmax(1) == targets).sum()
                 seen += len(idx)
                 bar.update(1)
-            if scheduler is not None:
+            if scheduler is not None and not per_step:
                 scheduler.step()
             if attack is not None:
                 attack.end_epoch(epoch)
             stats = torch.stack([loss_sum, correct.float()]).tolist()  # one host sync per epoch
             history.loss.append(stats[0] / max(seen, 1))
             history.acc.append(stats[1] / max(seen, 1))
-            history.steps += steps_per_epoch
+            history.steps += epoch_steps
             bar.set_postfix(epoch=epoch + 1, loss=f"{history.loss[-1]:.3f}", acc=f"{history.acc[-1]:.3f}")
             if checkpoint is not None:
                 history.seconds = time.perf_counter() - start

@@ -64,7 +64,7 @@ def backdoor(pretrained: ClipModel, pairs: CaptionSet, trigger: Trigger, scale: 
     step = dict(attack=trigger.name, rate=rate, target=target,
                 patch=None if trigger.patch is None else trigger.patch.flatten().tolist())
     return training.finetune(pretrained, poisoned, s, step, lr=s.finetune_lr, epochs=s.finetune_epochs, seed=seed,
-                             label=f"clip-{trigger.name}")
+                             label=f"clip-{trigger.name}", warmup=s.finetune_warmup)
 
 
 def defend(model: ClipModel, pairs: CaptionSet, defense: str, scale: str | training.ClipScale,
@@ -75,4 +75,4 @@ def defend(model: ClipModel, pairs: CaptionSet, defense: str, scale: str | train
     loss_fn = training.cleanclip_loss(pairs, seed) if defense == "cleanclip" else None
     attack = getattr(model, "lineage", {}).get("attack", "clean")
     return training.finetune(model, pairs, s, {"defense": defense}, lr=s.defense_lr, epochs=s.defense_epochs,
-                             seed=seed, loss_fn=loss_fn, label=f"clip-{attack}-{defense}")
+                             seed=seed, loss_fn=loss_fn, label=f"clip-{attack}-{defense}", warmup=s.defense_warmup)

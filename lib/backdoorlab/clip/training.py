@@ -7,8 +7,10 @@ fine-tunes it on a pair set with a fraction of a percent of poisoned pairs, and 
 fine-tunes the result on clean pairs (plain fine-tuning, or CleanCLIP's multimodal plus
 in-modal objective). Every model is kept in the zoo, keyed by its whole lineage.
 
-Deviations: AdamW with weight decay on every parameter (the official code exempts
-biases, norms and the logit scale) and a per-epoch cosine schedule without warm-up.
+The optimiser is the official code's: AdamW (betas 0.9/0.999, weight decay 0.1, none on
+biases, norm layers and the logit scale) with a per-step cosine schedule after a linear warm-up.
+The warm-ups keep the papers' share of the steps (``ClipScale``), not their step counts, which
+exceed a small run's whole length.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 
 from .. import __version__, zoo
 from ..data.bundle import augment
-from ..train import Recipe, fit
+from ..train import Recipe, fit, steps_per_epoch
 from . import losses
 from .captions import CaptionSet, generate
 from .models import ClipModel, create, tokenize
@@ -52,6 +54,11 @@ class ClipScale:
     defense_lr: float = 1e-3
     batch_size: int = 128
     patch_steps: int = 300  # BadCLIP trigger optimisation steps
+    # linear warm-up, as a share of a stage's steps: OpenAI CLIP 2,000 of ~390k iterations; BadCLIP's
+    # poisoning fine-tune 10,000 of ~39k (500k pairs, batch 128, 10 epochs); CleanCLIP 50 of ~15.6k
+    pretrain_warmup: float = 0.005
+    finetune_warmup: float = 0.25
+    defense_warmup: float = 0.003
 
     def poisoned_pairs(self, rate: float) -> int:
         """Poisoned pairs at ``rate`` of the fine-tune set (at least 1)."""
@@ -89,11 +96,19 @@ def clip_loss(pairs: CaptionSet) -> Callable:
     return loss_fn
 
 
+def clip_recipe(pairs: int, epochs: int, lr: float, batch_size: int = 128, warmup: float = 0.0) -> Recipe:
+    """CLIP's training recipe for ``pairs`` pairs: AdamW (weight decay 0.1, none on biases,
+    norms and the logit scale), a ``warmup`` share of the steps of linear warm-up, then cosine."""
+    batch_size = min(batch_size, pairs)
+    steps = epochs * steps_per_epoch(pairs, batch_size)
+    return Recipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.1, optimizer="adamw",
+                  schedule="warmup-cosine", warmup_steps=round(warmup * steps), decay_norms_and_biases=False)
+
+
 def train_pairs(model: ClipModel, pairs: CaptionSet, epochs: int, lr: float, batch_size: int = 128, seed: int = 0,
-                loss_fn: Callable | None = None, progress: bool = False, desc: str = "clip"):
-    """Train ``model`` in place on ``pairs`` with AdamW (wd 0.1) and ``fit``; returns the history."""
-    recipe = Recipe(epochs=epochs, batch_size=min(batch_size, len(pairs)), lr=lr, weight_decay=0.1,
-                    optimizer="adamw")
+                loss_fn: Callable | None = None, progress: bool = False, desc: str = "clip", warmup: float = 0.0):
+    """Train ``model`` in place on ``pairs`` with ``clip_recipe`` and ``fit``; returns the history."""
+    recipe = clip_recipe(len(pairs), epochs, lr, batch_size, warmup)
     return fit(model, pairs.as_bundle(), recipe, seed=seed, loss_fn=loss_fn or clip_loss(pairs),
                progress=progress, desc=desc)
 
@@ -133,7 +148,8 @@ def lineage(s: ClipScale, seed: int, **steps: Any) -> dict:
     recipe, not the later stages' settings), extended by ``steps`` for the models after it."""
     return {"track": "clip", "model": s.model, "seed": seed, "version": __version__,
             "data": [s.pretrain_pairs, s.finetune_pairs, s.defense_pairs, s.test_images],
-            "pretrain": [s.pretrain_epochs, s.pretrain_lr, s.batch_size], **steps}
+            "pretrain": clip_recipe(s.pretrain_pairs, s.pretrain_epochs, s.pretrain_lr, s.batch_size,
+                                    s.pretrain_warmup).key(), **steps}
 
 
 def pretrain(data: CaptionSet, scale: str | ClipScale, seed: int = 0, progress: bool = False) -> ClipModel:
@@ -143,28 +159,30 @@ def pretrain(data: CaptionSet, scale: str | ClipScale, seed: int = 0, progress: 
 
     def build(model: ClipModel) -> dict:
         history = train_pairs(model, pairs, s.pretrain_epochs, s.pretrain_lr, s.batch_size, seed, progress=progress,
-                              desc="pretrain CLIP")
+                              desc="pretrain CLIP", warmup=s.pretrain_warmup)
         return {"history": dataclasses.asdict(history)}
 
     return _cached(f"clip-pretrain-{s.name}-s{seed}", lineage(s, seed), build, s, seed)
 
 
 def finetune(model: ClipModel, pairs: CaptionSet, scale: str | ClipScale, step: dict, *, lr: float, epochs: int,
-             seed: int = 0, loss_fn: Callable | None = None, progress: bool = False, label: str = "clip-finetune"
-             ) -> ClipModel:
-    """A fine-tuned copy of ``model`` (from ``pretrain`` or an earlier ``finetune``) on ``pairs``,
-    zoo-cached under the starting model's lineage plus ``step``, which must name everything
-    else the result depends on (the pairs: attack, poisoning rate, trigger, ...)."""
+             seed: int = 0, loss_fn: Callable | None = None, progress: bool = False, label: str = "clip-finetune",
+             warmup: float = 0.0) -> ClipModel:
+    """A fine-tuned copy of ``model`` (from ``pretrain`` or an earlier ``finetune``) on ``pairs``
+    (``warmup``: the share of warm-up steps), zoo-cached under the starting model's lineage plus
+    ``step``, which must name everything else the result depends on (the pairs: attack,
+    poisoning rate, trigger, ...)."""
     s = get_scale(scale)
     parent = getattr(model, "lineage", None)
     if parent is None:
         raise ValueError("finetune needs a model from clip.pretrain or clip.finetune (it keys the zoo on its lineage)")
 
     def build(m: ClipModel) -> dict:
-        history = train_pairs(m, pairs, epochs, lr, s.batch_size, seed, loss_fn=loss_fn, progress=progress, desc=label)
+        history = train_pairs(m, pairs, epochs, lr, s.batch_size, seed, loss_fn=loss_fn, progress=progress, desc=label,
+                              warmup=warmup)
         return {"history": dataclasses.asdict(history)}
 
-    key = {"parent": parent, **step, "lr": lr, "epochs": epochs, "batch_size": s.batch_size}
+    key = {"parent": parent, **step, "recipe": clip_recipe(len(pairs), epochs, lr, s.batch_size, warmup).key()}
     return _cached(f"{label}-{s.name}-s{seed}", key, build, s, seed, start=model)
 
 
