@@ -25,11 +25,14 @@ install: $(STAMP)
 reproduce: install
 	$(PY) -m backdoorlab reproduce --scale $(SCALE)
 
-## Unit tests, then every notebook under nbval at the `smoke` scale, sharing one fresh zoo.
+## Unit tests at torch's default thread count (their learning margins were measured there), then every notebook
+## under nbval at the `smoke` scale as two one-thread workers; both phases share one fresh zoo.
+TEST_ENV := BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg
 test: install
 	rm -rf $(TEST_RUNS)
-	BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg \
-		$(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=25 tests notebooks
+	$(TEST_ENV) $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=20 tests
+	$(TEST_ENV) OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=10 \
+		-n 2 --dist loadfile notebooks
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks

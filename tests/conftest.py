@@ -55,11 +55,11 @@ def attack_results(smoke_setting, smoke_data):
 
 
 def smoke_params(name: str) -> dict:
-    """An attack's parameters in the learning tests: its grayscale variant on mnist5k (if it needs colour)
-    and its stronger ``smoke_params``."""
+    """An attack's parameters in the learning tests, as every `smoke` run on mnist5k gets them: its
+    grayscale variant (if it needs colour) and its stronger ``smoke_params``."""
     from backdoorlab import attacks
 
-    return {**attacks.params_for(name, (1, 28, 28)), **attacks.ATTACKS.get(name).smoke_params}
+    return attacks.params_for(name, (1, 28, 28), "smoke")
 
 
 @pytest.fixture

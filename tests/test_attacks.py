@@ -172,3 +172,13 @@ def test_one_epoch_of_fit_on_colour_images(name, rgb_bundle, tmp_path, monkeypat
     assert len(history.loss) == 1 and torch.isfinite(torch.tensor(history.loss[0]))
     out = attack.apply(bundle.test_x[:4].float() / 255)
     assert out.shape == (4, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_params_for_adds_the_smoke_setting_only_at_smoke():
+    assert attacks.params_for("wanet", MNIST) == attacks.params_for("wanet", MNIST, "default") == {}
+    assert attacks.params_for("wanet", MNIST, "smoke") == {"s": 2.0, "cross_ratio": 0.0}
+    assert attacks.params_for("ftrojan", MNIST, "smoke") == {"channels": (0,), "magnitude": 255}
+    assert attacks.params_for("ftrojan", (3, 32, 32), "paper") == {}
+    assert attacks.params_for("badnets", MNIST, "smoke") == {}
+    with pytest.raises(ValueError, match="valid choices: smoke, default, paper"):
+        attacks.params_for("wanet", MNIST, "tiny")

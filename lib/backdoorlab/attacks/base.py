@@ -54,7 +54,8 @@ class Attack:
     # documented one-channel variant; `validate` refuses grayscale data without them.
     grayscale_params: ClassVar[dict] = {}
     # Test-only parameters for attacks whose paper defaults cannot be learnt in the `smoke` preset's
-    # 4 epochs on MNIST (each attack's docstring says why); the learning tests use them, nothing else does.
+    # 4 epochs on MNIST (each attack's docstring says why); the learning tests and every `smoke` run use them
+    # (``attacks.params_for(name, shape, "smoke")``), no other scale does.
     smoke_params: ClassVar[dict] = {}
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

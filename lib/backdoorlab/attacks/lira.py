@@ -34,7 +34,7 @@ all-poisoned batches skew them and at ``smoke`` the clean accuracy fell to 0.38-
 
 At ``smoke`` (4 epochs) the default eps is too weak to be learnt: ACC 0.51, ASR 0.54
 (the classifier spends the first epochs on contradictory labels); at ``default`` it is
-learnt. ``smoke_params`` (eps 0.1) is a test-only setting that is learnt at ``smoke``.
+learnt. ``smoke_params`` (eps 0.1) is learnt at ``smoke`` (tests and every ``smoke`` run use it).
 
 >>> attack = LIRA(eps=0.01)
 >>> attack.prepare(bundle, scale="smoke", seed=0)   # G initialised from the seed
