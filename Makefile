@@ -25,7 +25,7 @@ install: $(STAMP)
 reproduce: install
 	$(PY) -m backdoorlab reproduce --scale $(SCALE)
 
-## Unit tests at torch's default thread count (their learning margins were measured there), then every notebook
+## Unit tests with torch on 2 threads (tests/conftest.py: their learning margins were measured so), then every notebook
 ## under nbval at the `smoke` scale as two one-thread workers; both phases share one fresh zoo.
 TEST_ENV := BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg
 test: install
