@@ -53,7 +53,7 @@ class Attack:
     # Attacks that need colour (a trigger in the chroma channels) name here the parameters of their
     # documented one-channel variant; `validate` refuses grayscale data without them.
     grayscale_params: ClassVar[dict] = {}
-    # Test-only parameters for attacks whose paper defaults cannot be learnt in the `smoke` preset's
+    # Stronger parameters for attacks whose paper defaults cannot be learnt in the `smoke` preset's
     # 4 epochs on MNIST (each attack's docstring says why); the learning tests and every `smoke` run use them
     # (``attacks.params_for(name, shape, "smoke")``), no other scale does.
     smoke_params: ClassVar[dict] = {}
