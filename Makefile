@@ -25,14 +25,15 @@ install: $(STAMP)
 reproduce: install
 	$(PY) -m backdoorlab reproduce --scale $(SCALE)
 
-## Unit tests with torch on 2 threads (tests/conftest.py: their learning margins were measured so), then every notebook
-## under nbval at the `smoke` scale as two one-thread workers; both phases share one fresh zoo.
+## First the tests marked `calibrated` (bars on what smoke models learn, measured with torch on 2 threads; they build
+## the shared smoke models), one process; then the other unit tests and every notebook under nbval at the `smoke`
+## scale, as two one-thread xdist workers. Both phases share one fresh zoo (tests/conftest.py explains the threads).
 TEST_ENV := BACKDOORLAB_SCALE=smoke BACKDOORLAB_RUNS=$(TEST_RUNS) BACKDOORLAB_PROGRESS=0 MPLBACKEND=Agg
 test: install
 	rm -rf $(TEST_RUNS)
-	$(TEST_ENV) $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=20 tests
-	$(TEST_ENV) OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=10 \
-		-n 2 --dist loadfile notebooks
+	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider --durations=10 -m calibrated tests
+	$(TEST_ENV) OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax -p no:cacheprovider --durations=20 \
+		-m "not calibrated" -n 2 --dist loadfile tests notebooks
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -19,11 +20,32 @@ import torch  # noqa: E402
 from backdoorlab import data  # noqa: E402
 from backdoorlab.pipeline import CLEAN, Setting, load_data, train_attack  # noqa: E402
 
-# The learning tests' margins were measured with 2 threads, the CI machine's 2 cores. The thread count changes a
-# smoke model's floating-point sums and, at smoke size, sometimes whether a backdoor takes, so every machine runs
-# the tests with 2 (more cores would otherwise give other models; the CPU's instruction set still can).
+# The learning margins were measured with torch on 2 threads, the CI machine's 2 cores. The thread count changes a
+# smoke model's floating-point sums and, at smoke size, sometimes whether a backdoor takes or a defense removes it.
+# So the shared smoke models below are trained, and tests marked `calibrated` (bars on what a defense or attack
+# learns) run, with 2 threads on every machine, whatever the process's own count (more cores would otherwise give
+# other models; the CPU's instruction set still can). The other tests hold at any count: `make test` runs them as
+# one-thread xdist workers.
 CALIBRATED_THREADS = 2
-torch.set_num_threads(CALIBRATED_THREADS)
+
+
+@contextlib.contextmanager
+def calibrated_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(CALIBRATED_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _calibrated_thread_count(request):
+    if request.node.get_closest_marker("calibrated"):
+        with calibrated_threads():
+            yield
+    else:
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +65,8 @@ def smoke_data(smoke_setting):
 
 @pytest.fixture(scope="session")
 def clean_result(smoke_setting, smoke_data):
-    return train_attack(smoke_setting.with_attack(CLEAN), smoke_data, progress=False)
+    with calibrated_threads():
+        return train_attack(smoke_setting.with_attack(CLEAN), smoke_data, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +77,9 @@ def attack_results(smoke_setting, smoke_data):
     # Attacks whose paper defaults 4 smoke epochs on MNIST cannot learn declare stronger
     # `smoke_params` (FTrojan/CTRL magnitude, WaNet s, BppAttack levels, LIRA eps, Input-aware cross ratio,
     # LC's checkerboard size, Adaptive-Patch without cover samples).
-    return {name: train_attack(smoke_setting.with_attack(name, **smoke_params(name)), smoke_data, progress=False)
-            for name in attacks.names()}
+    with calibrated_threads():
+        return {name: train_attack(smoke_setting.with_attack(name, **smoke_params(name)), smoke_data, progress=False)
+                for name in attacks.names()}
 
 
 def smoke_params(name: str) -> dict:
@@ -83,7 +107,8 @@ def rgb_bundle():
 @pytest.fixture(scope="session")
 def badnets_result(smoke_setting, smoke_data):
     """The smoke BadNets model (the same zoo entry as ``attack_results['badnets']``)."""
-    return train_attack(smoke_setting, smoke_data, progress=False)
+    with calibrated_threads():
+        return train_attack(smoke_setting, smoke_data, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -91,4 +116,5 @@ def ft_purified(badnets_result):
     """The smoke BadNets model purified by FT (zoo-cached) and its metrics row."""
     from backdoorlab.pipeline import defend
 
-    return defend(badnets_result, "ft", progress=False)
+    with calibrated_threads():
+        return defend(badnets_result, "ft", progress=False)

@@ -37,6 +37,7 @@ def test_generators_fit_both_image_kinds(channels, size, base, steps):
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
 
 
+@pytest.mark.calibrated  # 8 epochs on 256 digits: the density bar was measured with 2 threads
 def test_mask_pretraining_makes_sparse_diverse_masks_and_is_cached(mnist):
     data = mnist.subset(torch.arange(256), 64)
     trained = attacks.create("inputaware", mask_epochs=8)

@@ -63,11 +63,11 @@ def test_bad_hyperparameters(params, match):
         defenses.create("btidbf", **params)
 
 
-def test_inversion_finds_the_badnets_target_on_the_smoke_model(smoke_setting, smoke_data):
+@pytest.mark.calibrated
+def test_inversion_finds_the_badnets_target_on_the_smoke_model(smoke_setting, smoke_data, badnets_result):
     from backdoorlab.defenses.btidbf import detected_target
-    from backdoorlab.pipeline import train_attack
 
-    result = train_attack(smoke_setting, smoke_data, progress=False)
+    result = badnets_result
     clean = smoke_data.subset(data.clean_subset(smoke_data, 0.05, seed=0))
     g = torch.Generator().manual_seed(0)
     mask = benign_feature_mask(result.model, clean, epochs=20, batch_size=32, generator=g)

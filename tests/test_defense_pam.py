@@ -164,6 +164,7 @@ def test_bad_hyperparameters(params, match):
         defenses.create("pam", **params)
 
 
+@pytest.mark.calibrated
 def test_pam_lowers_asr_on_the_smoke_badnets_model(badnets_result):
     from backdoorlab.pipeline import defend
 

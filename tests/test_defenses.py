@@ -9,6 +9,8 @@ from backdoorlab import defenses, detectors, metrics, models
 from backdoorlab.defenses.base import Defense, TrainingDefense
 from backdoorlab.pipeline import defend, defense_rows, detect, poisoned_training_set
 
+pytestmark = pytest.mark.calibrated  # the bars below were measured with 2 threads (conftest.py)
+
 # defense -> (ASR bar, ACC floor) on the smoke BadNets model (mnist5k, width 8, 4 epochs: ACC 0.938,
 # ASR 0.998 under `make test`). Smoke defenses see 100 clean digits with a preset budget (FT: 3 epochs),
 # so a bar is what a weak budget achieves, set above the value measured under `make test` (in the comment).

@@ -8,6 +8,9 @@ from backdoorlab import attacks, metrics, paths, pipeline, train, zoo
 from backdoorlab.pipeline import train_attack
 from conftest import smoke_params
 
+# learning bars, and retraining that must reproduce the shared models exactly: 2 threads (conftest.py)
+pytestmark = pytest.mark.calibrated
+
 # Per-attack learning bars at `smoke` scale: PreAct-ResNet18 width 8, 4 epochs on 2,000 mnist5k digits,
 # pratio 0.1, seed 0, on CPU; each set with margin below what was measured (closing note of issue 3).
 # Dirty-label attacks must reach ASR >= 0.8; clean-label attacks get lower, stated bars.
