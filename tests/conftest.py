@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import tempfile
 
@@ -15,6 +16,7 @@ if "BACKDOORLAB_RUNS" not in os.environ:  # a bare `pytest`: a private zoo, remo
     atexit.register(shutil.rmtree, os.environ["BACKDOORLAB_RUNS"], ignore_errors=True)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from backdoorlab import data  # noqa: E402
@@ -40,7 +42,12 @@ def calibrated_threads():
 
 
 @pytest.fixture(autouse=True)
-def _calibrated_thread_count(request):
+def _same_start_for_every_test(request):
+    """Each test starts from the same global random state, so it passes or fails alone, in any order and on any
+    xdist worker; a `calibrated` test also runs with the calibrated thread count."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     if request.node.get_closest_marker("calibrated"):
         with calibrated_threads():
             yield

@@ -137,8 +137,11 @@ def train_generator(model: nn.Module, clean: TensorBundle, mask: torch.Tensor, *
     layer = tools.last_conv_block(model)
     was_training = model.training
     model.eval()
-    if bd_gen is None:
-        bd_gen = TinyGenerator(clean.in_channels).to(clean.device)
+    if bd_gen is None:  # initialised from `generator`: a seeded call is reproducible whatever ran before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            bd_gen = TinyGenerator(clean.in_channels)
+        bd_gen = bd_gen.to(clean.device)
     bd_gen.train()
     opt = torch.optim.Adam(bd_gen.parameters(), lr=lr)
     params = [p for p in model.parameters() if p.requires_grad]
