@@ -33,6 +33,7 @@ CALIBRATED_THREADS = 2
 
 @contextlib.contextmanager
 def calibrated_threads():
+    """Torch on ``CALIBRATED_THREADS`` inside the block; the process's own count afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(CALIBRATED_THREADS)
     try:
