@@ -6,7 +6,7 @@ import torch
 
 from backdoorlab import attacks, metrics, paths, pipeline, train, zoo
 from backdoorlab.pipeline import train_attack
-from conftest import smoke_params
+from conftest import CALIBRATED_THREADS, smoke_params
 
 # learning bars, and retraining that must reproduce the shared models exactly: 2 threads (conftest.py)
 pytestmark = pytest.mark.calibrated
@@ -58,6 +58,12 @@ def test_attack_implants_a_working_backdoor(name, attack_results, clean_result):
     assert result.metrics["asr"] >= ASR_BAR[name]
     if name not in TRIGGER_FOOLS_CLEAN_MODEL:  # the trigger alone does not fool a clean model: it was learnt
         assert metrics.evaluate(clean_result.model, result.data, result.attack)["asr"] < 0.3
+
+
+def test_the_shared_smoke_models_and_calibrated_tests_use_the_calibrated_thread_count(attack_results, clean_result):
+    assert torch.get_num_threads() == CALIBRATED_THREADS  # every test in this module is `calibrated`
+    for result in [clean_result, *attack_results.values()]:  # their zoo records say how they were trained
+        assert result.record["environment"]["cpu_threads"] == CALIBRATED_THREADS, result.setting.attack
 
 
 def test_poison_record_matches_indices(attack_results):

@@ -72,7 +72,8 @@ def git_revision() -> str | None:
 
 
 def environment(device: Any = None) -> dict:
-    """What produced a result: package, torch and Python versions, device, git revision."""
+    """What produced a result: package, torch and Python versions, device, torch's CPU threads (their
+    count changes a CPU result's floating-point sums), git revision."""
     import sys
 
     from . import __version__
@@ -83,6 +84,7 @@ def environment(device: Any = None) -> dict:
         "torch": torch.__version__ if torch is not None else None,
         "python": platform.python_version(),
         "device": str(device) if device is not None else "cpu",
+        "cpu_threads": torch.get_num_threads() if torch is not None else None,
         "git": git_revision(),
     }
     if torch is not None and device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
