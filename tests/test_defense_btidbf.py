@@ -75,13 +75,13 @@ def test_bad_hyperparameters(params, match):
 
 
 @pytest.mark.calibrated
-def test_inversion_finds_the_badnets_target_on_the_smoke_model(smoke_setting, smoke_data, badnets_result):
+def test_inversion_finds_the_badnets_target_on_the_smoke_model(smoke_data, badnets_result):
     from backdoorlab.defenses.btidbf import detected_target
 
-    result = badnets_result  # trained with 2 threads (conftest.py)
+    model = badnets_result.model
     clean = smoke_data.subset(data.clean_subset(smoke_data, 0.05, seed=0))
     g = torch.Generator().manual_seed(0)
-    mask = benign_feature_mask(result.model, clean, epochs=20, batch_size=32, generator=g)
-    gen = train_generator(result.model, clean, mask, epochs=30, batch_size=32, generator=g)
+    mask = benign_feature_mask(model, clean, epochs=20, batch_size=32, generator=g)
+    gen = train_generator(model, clean, mask, epochs=30, batch_size=32, generator=g)
     # generator seeds 0-4 find class 0 on the `make test` smoke model, seed 5 finds class 5
-    assert detected_target(result.model, clean, gen) == smoke_setting.target
+    assert detected_target(model, clean, gen) == badnets_result.setting.target
