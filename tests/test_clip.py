@@ -1,4 +1,6 @@
-"""The CLIP track at `smoke` scale: models, caption data, losses, BadCLIP, poisoning, CleanCLIP."""
+"""The CLIP track at `smoke` scale: models, caption data, losses, BadCLIP, poisoning, CleanCLIP.
+
+The measured values in comments are from `make test`, which runs this file with torch on one thread."""
 import pytest
 import torch
 
@@ -108,7 +110,7 @@ def test_bad_input_is_refused_before_compute(parts, monkeypatch):
 
 
 def test_pretrained_tiny_clip_classifies_zero_shot(pretrained, data):
-    assert clip.zero_shot(pretrained, data)["acc"] >= 0.6  # 10 classes: chance is 0.1; measured 0.918
+    assert clip.zero_shot(pretrained, data)["acc"] >= 0.6  # 10 classes: chance is 0.1; measured 0.924
 
 
 def test_badclip_patch_lowers_its_objective(pretrained, parts):
@@ -124,7 +126,7 @@ def test_badclip_patch_lowers_its_objective(pretrained, parts):
     with torch.no_grad():
         before = badclip.objective(pretrained, x, start, tokens, positives)
         after = badclip.objective(pretrained, x, patch, tokens, positives)
-    assert after <= before - 0.25  # measured 10.66 -> 10.16 (in-batch duplicate target captions bound it from below)
+    assert after <= before - 0.25  # measured 11.84 -> 10.78 (in-batch duplicate target captions bound it from below)
     assert patch.shape == (1, 3, 4, 4) and patch.min() >= 0 and patch.max() <= 1
 
 
@@ -141,7 +143,7 @@ def test_poisoned_clip_has_asr_well_above_a_clean_one(pretrained, data, blended)
     trigger, backdoored = blended
     clean = clip.zero_shot(pretrained, data, trigger)
     poisoned = clip.zero_shot(backdoored, data, trigger)
-    # measured (2 threads): non-target ASR 0.015 on the clean model, 0.922 after poisoning
+    # measured: non-target ASR 0.011 on the clean model, 0.894 after poisoning
     assert poisoned["asr_nontarget"] >= clean["asr_nontarget"] + 0.6
     assert poisoned["acc"] >= clean["acc"] - 0.05
 
@@ -152,7 +154,7 @@ def test_cleanclip_lowers_a_baseline_attacks_asr(data, parts, blended):
     before = clip.zero_shot(backdoored, data, trigger)
     after = clip.zero_shot(defended, data, trigger)
     assert defended.lineage["parent"] == backdoored.lineage  # the zoo key names the whole lineage
-    # measured (2 threads): non-target ASR 0.922 -> 0.084, zero-shot accuracy 0.910 -> 0.900 (CleanCLIP's
-    # strong augmentations on 1,000 pairs cost a point at smoke)
+    # measured: non-target ASR 0.894 -> 0.015, zero-shot accuracy 0.928 -> 0.900 (CleanCLIP's
+    # strong augmentations on 1,000 pairs cost three points at smoke)
     assert after["asr_nontarget"] <= before["asr_nontarget"] - 0.3
     assert after["acc"] >= before["acc"] - 0.1

@@ -107,6 +107,15 @@ def test_an_incomplete_zoo_entry_is_retrained(tmp_path, monkeypatch):
     assert not zoo.exists("m", {"a": 2})
 
 
+def test_a_zoo_entry_records_the_environment_that_trained_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKDOORLAB_RUNS", str(tmp_path))
+    record = zoo.save("m", {"a": 1}, torch.nn.Linear(2, 2), {"metrics": {}})
+    assert record == json.loads((zoo.entry_dir("m", {"a": 1}) / "record.json").read_text())
+    assert record["setting"] == {"a": 1} and record["metrics"] == {}
+    assert record["environment"]["cpu_threads"] == torch.get_num_threads()
+    assert record["environment"]["device"] == "cpu" and record["environment"]["torch"] == torch.__version__
+
+
 def test_same_seed_same_metrics_on_cpu(smoke_setting, smoke_data, attack_results, tmp_path, monkeypatch):
     monkeypatch.setenv("BACKDOORLAB_RUNS", str(tmp_path))  # empty zoo: retrain from scratch
     retrained = train_attack(smoke_setting, smoke_data, progress=False)

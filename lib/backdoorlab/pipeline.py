@@ -154,9 +154,8 @@ def _train_and_save(setting: Setting, bundle: TensorBundle, recipe: Recipe, atta
         "metrics": metrics.evaluate(model, bundle, attack),
         "poison": {"count": len(poison), "index_hash": index_hash(poison)},
         "history": dataclasses.asdict(history),
-        "environment": _environment(bundle.device),
     }
-    zoo.save(label, key, model, record, extra={"attack": attack.state_tensors() if attack else {}})
+    record = zoo.save(label, key, model, record, extra={"attack": attack.state_tensors() if attack else {}})
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return record
@@ -268,9 +267,8 @@ def _defend_and_save(method: defenses.Defense, result: AttackResult, clean: Tens
     seconds = time.perf_counter() - start
     record = {"metrics": metrics.evaluate(defended, result.data, result.attack), "seconds": seconds,
               "diagnostics": method.diagnostics(),
-              "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)},
-              "environment": _environment(result.data.device)}
-    zoo.save(label, key, defended, record)
+              "clean": {"count": len(clean_idx), "index_hash": index_hash(clean_idx)}}
+    record = zoo.save(label, key, defended, record)
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return record, defended
@@ -336,9 +334,3 @@ def _detect(result: AttackResult, method: Any, clean: TensorBundle) -> dict[str,
     flagged = method.flag(scores, y)
     return {"attack": setting.attack, "detector": method.name, **metrics.detection(scores, flagged, truth),
             "seconds": time.perf_counter() - start}
-
-
-def _environment(device: Any) -> dict[str, Any]:
-    from .runs import environment
-
-    return environment(device)

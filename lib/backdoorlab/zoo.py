@@ -65,17 +65,20 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def save(label: str, setting: Mapping[str, Any], model: nn.Module, record: Mapping[str, Any],
-         extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
+         extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Save ``model`` (and named tensor groups in ``extra``, e.g. an attack's trigger
-    generator, each as ``<name>.safetensors``), then the record."""
+    generator, each as ``<name>.safetensors``), then the record: ``record`` with the setting
+    and the environment that trained the model (``runs.environment``). Returns that record."""
     folder = entry_dir(label, setting)
     folder.mkdir(parents=True, exist_ok=True)
     _save_tensors(folder / "model.safetensors", model.state_dict())
     for name, tensors in (extra or {}).items():
         if tensors:
             _save_tensors(folder / f"{name}.safetensors", tensors)
-    runs.write_json(folder / "record.json", {"setting": dict(setting), **record})
-    return folder
+    device = next(model.parameters(), torch.empty(0)).device
+    written = {"setting": dict(setting), **record, "environment": runs.environment(device)}
+    runs.write_json(folder / "record.json", written)
+    return written
 
 
 def load(label: str, setting: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
