@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job: every paper notebook at the given scale (default: bundled data, CPU; about 87 min on 2 cores).
+## The main job: every paper notebook at the given scale (default: bundled data, CPU; about 112 min on 2 cores).
 reproduce: install
 	$(PY) -m backdoorlab reproduce --scale $(SCALE)
 
