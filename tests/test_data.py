@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backdoorlab import data
+from backdoorlab import attacks, data, seeding
 from backdoorlab.data import augment, real
 
 
@@ -60,6 +60,25 @@ def test_clean_subset_is_seeded_and_sized(mnist):
     assert not torch.equal(idx, data.clean_subset(mnist, 0.05, seed=1))
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         data.clean_subset(mnist, 0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_the_clean_subset_is_drawn_independently_of_the_poisoned_samples(mnist, seed):
+    # BadNets of the same seed poisons 400 of 4000 samples; a random 200-sample subset holds ~20 of them (sd ~4).
+    # Drawn from the attack's own stream, all 200 would be poisoned ones (and all 10 per-class picks too).
+    poisoned = set(attacks.create("badnets").poison_indices(mnist.train_y, 0.1, seed=seed).tolist())
+    shared = len(poisoned & set(data.clean_subset(mnist, 0.05, seed=seed).tolist()))
+    assert 5 <= shared <= 40
+    assert len(poisoned & set(data.clean_subset(mnist, seed=seed, per_class=5).tolist())) <= 15
+
+
+def test_named_random_streams_are_reproducible_and_distinct():
+    draw = lambda g: torch.randperm(100, generator=g)[:10].tolist()  # noqa: E731
+    assert draw(seeding.stream(3, "a")) == draw(seeding.stream(3, "a"))
+    others = [seeding.stream(3, "b"), seeding.stream(4, "a"), torch.Generator().manual_seed(3)]
+    assert all(draw(g) != draw(seeding.stream(3, "a")) for g in others)
+    with pytest.raises(ValueError, match="needs a name"):
+        seeding.stream(0, "")
 
 
 # -- real loaders, on small files written in each dataset's own format ---------------------------

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from backdoorlab import defenses
+from backdoorlab import attacks, defenses
 from backdoorlab.defenses import ep, masking
 from test_defense_masking import tiny_bundle, tiny_model
 
@@ -27,6 +27,16 @@ def test_a_bimodal_channel_has_low_entropy_and_is_pruned():
     scores = ep.histogram_entropy(z, 0.1)
     assert scores.argmin() == 7
     assert masking.outliers({"bn": scores}, 3, low=True)["bn"].nonzero().flatten().tolist() == [7]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_scored_sample_mixes_poisoned_and_clean_images(seed):
+    # BadNets of the same seed poisons 10% of 4000 samples: a random 256 hold ~26 (sd ~5). From the attack's own
+    # random stream all 256 would be poisoned and there would be no second population to expose.
+    poisoned = attacks.create("badnets").poison_indices(torch.arange(4000) % 10, 0.1, seed=seed)
+    sample = ep.training_sample(4000, 256, seed)
+    assert len(sample.unique()) == 256
+    assert 10 <= int(torch.isin(sample, poisoned).sum()) <= 50
 
 
 def test_purify_copies_prunes_and_declares_its_data():

@@ -14,40 +14,48 @@ pytestmark = pytest.mark.calibrated  # the bars below were measured with 2 threa
 # defense -> (ASR bar, ACC floor) on the smoke BadNets model (mnist5k, width 8, 4 epochs: ACC 0.938,
 # ASR 0.998 under `make test`). Smoke defenses see 100 clean digits with a preset budget (FT: 3 epochs),
 # so a bar is what a weak budget achieves, set above the value measured under `make test` (in the comment).
+# Measured with the clean subset drawn independently of the poisoned samples (`backdoorlab.seeding`); before that
+# fix it was the clean twins of 100 poisoned images, never seen clean in training, and FT, i-BAU and RNP looked far
+# stronger (ASR 0.499, 0.004, 0.016).
 # The bars hold on this one model, trained the same way on every machine (`calibrated`): on smoke models of other
 # seeds, or trained at one thread, FT, ANP, i-BAU, SAU, RNP, FP, FST, FT-SAM, EP and PAM leave very different ASRs
 # (measured in docs/architecture.md#testing).
 # `None`: the defense does not remove this backdoor at smoke scale (see NOT_AT_SMOKE); the test then checks
 # the documented behaviour: it runs, returns a copy, keeps clean accuracy and does not raise the ASR.
 BARS: dict[str, tuple[float | None, float]] = {
-    "ft": (0.8, 0.6),  # measured ASR 0.499, ACC 0.700
-    "fp": (0.95, 0.75),  # 0.829, 0.874: pruning alone does nothing here, its fine-tuning does the work
-    "nad": (0.3, 0.45),  # 0.069, 0.718
-    "nc": (0.5, 0.45),  # 0.044, 0.682 (class 0 flagged, anomaly index just above 2)
-    "anp": (0.85, 0.65),  # 0.579, 0.798 (300 mask iterations at smoke)
-    "rnp": (0.5, 0.65),  # 0.016, 0.800
+    "ft": (None, 0.45),  # measured ASR 0.956, ACC 0.524
+    "fp": (None, 0.75),  # 0.989, 0.794
+    "nad": (0.3, 0.6),  # 0.024, 0.760
+    "nc": (0.5, 0.6),  # 0.268, 0.726
+    "anp": (0.85, 0.65),  # 0.769, 0.726 (300 mask iterations at smoke)
+    "rnp": (None, 0.85),  # 0.962, 0.902
     "clp": (None, 0.85),  # 0.998, 0.938
-    "ep": (0.7, 0.8),  # 0.406, 0.898 (on the poisoned training set)
-    "bnp": (None, 0.85),  # 0.980, 0.932
-    "ibau": (0.2, 0.6),  # 0.004, 0.818 (Adam lr 1e-4, 20 rounds)
-    "sau": (0.35, 0.55),  # 0.195, 0.716 (Adam lr 1e-4: 9 steps at smoke)
-    "fst": (0.5, 0.5),  # 0.000, 0.638
-    "btidbf": (0.3, 0.6),  # 0.060, 0.820
-    "mcr": (None, 0.85),  # 0.996, 0.926
+    "ep": (None, 0.85),  # 0.905, 0.912 (on the poisoned training set)
+    "bnp": (0.75, 0.8),  # 0.599, 0.852
+    "ibau": (0.9, 0.85),  # 0.800, 0.916 (Adam lr 1e-4, 20 rounds)
+    "sau": (0.35, 0.65),  # 0.186, 0.772 (Adam lr 1e-4: 9 steps at smoke)
+    "fst": (0.6, 0.5),  # 0.494, 0.608
+    "btidbf": (0.3, 0.75),  # 0.024, 0.836
+    "mcr": (None, 0.85),  # 0.998, 0.932
     "abl": (0.5, 0.45),  # 0.118, 0.620 (isolation precision 1.0)
     "dbd": (0.45, 0.4),  # 0.171, 0.564
-    "tsbd": (0.6, 0.35),  # 0.228, 0.424 under `make test` (0.344, 0.676 on a one-thread smoke model)
-    "nft": (None, 0.85),  # 0.998, 0.920
-    "npd": (None, 0.85),  # 0.998, 0.902
-    "ftsam": (0.95, 0.6),  # 0.508, 0.680 under `make test` (0.858, 0.864 on a one-thread smoke model)
-    "pam": (0.6, 0.7),  # 0.004, 0.854 under `make test` (0.441, 0.850 on a one-thread smoke model)
+    "tsbd": (0.8, 0.5),  # 0.663, 0.636
+    "nft": (None, 0.85),  # 0.993, 0.924
+    "npd": (None, 0.85),  # 1.000, 0.886
+    "ftsam": (0.6, 0.6),  # 0.417, 0.734
+    "pam": (0.3, 0.7),  # 0.016, 0.778
 }
 # defenses whose returned module has new layers (and so new state-dict keys), reloaded through `module_for`
 INSERTS_LAYERS: set[str] = {"npd"}
+# Why a defense keeps the smoke backdoor. The clean subset is a random 5% of the *training* set (BackdoorBench's),
+# so ~90% of its 100 digits are ones the model already fits and give little gradient.
 NOT_AT_SMOKE = {
+    "ft": "3 epochs on 100 clean training digits keep BadNets (ASR 0.956) and cost accuracy (0.938 -> 0.524)",
+    "fp": "pruning the dormant last-layer channels does nothing here, and its 3 fine-tuning epochs keep BadNets (0.989)",
+    "rnp": "the masks recovered after unlearning on 100 clean training digits keep the backdoor channels (ASR 0.962)",
+    "ep": "on the width-8, 4-epoch model the low-entropy channels of 256 training images (~26 poisoned) are not the "
+          "trigger's (ASR 0.905)",
     "clp": "with 8-64 channels per layer, mean + 3 std is almost never exceeded: no channel is pruned",
-    "bnp": "on the width-8, 4-epoch model the BN-statistics KL does not single out the backdoor channels "
-           "(at `default` scale it removes BadNets: ASR 1.0 -> 0.0)",
     "mcr": "the fine-tuned end point stays close to the backdoored one, so the short curve keeps the backdoor",
     "nft": "the gamma masks learnt on clean MixUp batches keep BadNets on mnist5k at every budget tried "
            "(default: ASR 0.996; the official 1000 x 128 budget: 0.97)",

@@ -162,27 +162,27 @@ def test_smoke_backdoor_scores_exceed_the_clean_models(badnets_result, clean_res
     assert top_bd > 2 * top_cl, (top_bd, top_cl)
 
 
-def test_smoke_bec_identities(badnets_result, ft_purified, clean_result):
-    backdoored, ft_model, clean_model = badnets_result.model, ft_purified[0], clean_result.model
-    defended = {"ft": ft_purified, "backdoored": backdoored, "clean": clean_model}
+def test_smoke_bec_identities(badnets_result, nad_purified, clean_result):
+    backdoored, nad_model, clean_model = badnets_result.model, nad_purified[0], clean_result.model
+    defended = {"nad": nad_purified, "backdoored": backdoored, "clean": clean_model}
     res = bec_for(badnets_result, defended, clean_result)
     assert res["bec"]["backdoored"] == pytest.approx(1.0, abs=1e-9)
     assert res["bec"]["clean"] == 0.0
     assert res["S"]["backdoored"] == pytest.approx(1.0, abs=1e-9)
     assert all(v == pytest.approx(1.0, abs=1e-9) for v in res["per_layer"]["backdoored"].values())
-    assert 0.0 < res["S_clean"] < 1.0 and math.isfinite(res["bec"]["ft"])
+    assert 0.0 < res["S_clean"] < 1.0 and math.isfinite(res["bec"]["nad"])
     assert res["n_features"] == int(badnets_result.attack.test_mask(badnets_result.data.test_y).sum().clamp(max=500))
-    print(f"\nsmoke BadNets: S(FT)={res['S']['ft']:.4f} S(clean)={res['S_clean']:.4f} BEC(FT)={res['bec']['ft']:.4f}")
+    print(f"\nsmoke BadNets: S(NAD)={res['S']['nad']:.4f} S(clean)={res['S_clean']:.4f} BEC(NAD)={res['bec']['nad']:.4f}")
 
     # existence_similarity agrees with what bec used
     clean_x, poisoned_x = paired_test_images(badnets_result, 2200)
-    sim = existence_similarity(backdoored, ft_model, poisoned_x[:500], res["scores"])
-    assert sim["S"] == pytest.approx(res["S"]["ft"], abs=1e-9) and sim["k"] == res["k"]
+    sim = existence_similarity(backdoored, nad_model, poisoned_x[:500], res["scores"])
+    assert sim["S"] == pytest.approx(res["S"]["nad"], abs=1e-9) and sim["k"] == res["k"]
 
     # the official min-max: within [0, 1], the least similar at 0 and the most similar at 1
-    code = bec(backdoored, {"ft": ft_model}, clean_model, clean_x, poisoned_x, normalisation="code",
+    code = bec(backdoored, {"nad": nad_model}, clean_model, clean_x, poisoned_x, normalisation="code",
                scores=res["scores"], n_features=500)
     values = [code["bec_clean"], *code["bec"].values()]
     assert all(0.0 <= v <= 1.0 for v in values) and max(values) == 1.0 and min(values) == 0.0
     assert code["bec_backdoored"] == 1.0
-    assert code["S"]["ft"] == pytest.approx(res["S"]["ft"], abs=1e-12)
+    assert code["S"]["nad"] == pytest.approx(res["S"]["nad"], abs=1e-12)

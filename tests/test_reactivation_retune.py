@@ -1,7 +1,7 @@
 """The retuning attack, QRA and linear mode connectivity (Min et al., NeurIPS 2024).
 
-The smoke models differ with the thread count they were trained under; the bars below
-hold for both builds measured (1 thread: FT-purified ASR 0.95; 2 threads: 0.50)."""
+The purified models are the smoke BadNets model after NAD (ASR 0.024) and after FT-SAM (0.417),
+both trained and purified with the calibrated thread count (tests/conftest.py)."""
 from __future__ import annotations
 
 import importlib
@@ -46,19 +46,19 @@ def test_retuning_set_has_exactly_poison_num_poisoned_samples(badnets_result):
 
 
 @pytest.mark.parametrize("poison_num", [-1, 10_000, 2.5])
-def test_bad_poison_num_fails_before_compute(badnets_result, ft_purified, monkeypatch, poison_num):
+def test_bad_poison_num_fails_before_compute(badnets_result, nad_purified, monkeypatch, poison_num):
     def no_training(*args, **kwargs):
         raise AssertionError("trained before checking its input")
 
     monkeypatch.setattr(retune_module, "fit", no_training)
     with pytest.raises(ValueError, match="poison_num"):
-        retune(ft_purified[0], badnets_result, poison_num=poison_num)
+        retune(nad_purified[0], badnets_result, poison_num=poison_num)
     with pytest.raises(ValueError, match="clean ratio"):
-        retune(ft_purified[0], badnets_result, clean_ratio=0.0)
+        retune(nad_purified[0], badnets_result, clean_ratio=0.0)
 
 
-def test_retuning_attack_reactivates_the_ft_purified_backdoor(badnets_result, ft_purified):
-    purified, row = ft_purified
+def test_retuning_attack_reactivates_the_nad_purified_backdoor(badnets_result, nad_purified):
+    purified, row = nad_purified
     before = _state(purified)
     attacked = [retune(purified, badnets_result, poison_num=5, seed=s)[1] for s in range(3)]
     control = [retune(purified, badnets_result, poison_num=0, seed=s)[1] for s in range(3)]  # clean retuning
@@ -66,12 +66,10 @@ def test_retuning_attack_reactivates_the_ft_purified_backdoor(badnets_result, ft
     assert all(r["poison_num"] == 5 and r["clean_samples"] == 40 for r in attacked)
     ra = [r["p_asr"] for r in attacked]
     ctrl = [r["p_asr"] for r in control]
-    # measured (1 / 2 training threads): purified 0.953 / 0.499; 5 poisoned: >= 0.996 / 1.0;
-    # clean retuning: 0.90, 0.91, 1.0 / 0.86, 0.84, 0.92
-    assert min(ra) >= 0.98
-    assert min(ra) >= row["asr"] + 0.02
-    assert all(a >= c for a, c in zip(ra, ctrl))
-    assert sum(ra) / 3 >= sum(ctrl) / 3 + 0.03
+    # measured: NAD-purified ASR 0.024; retuned on 40 clean + 5 poisoned samples 0.703, 0.820, 0.783;
+    # on the 40 clean samples alone 0.044, 0.124, 0.131 (the superficial safety the paper reports)
+    assert min(ra) >= row["asr"] + 0.5
+    assert all(a >= c + 0.3 for a, c in zip(ra, ctrl))
 
 
 # -- QRA -----------------------------------------------------------------------------------------
@@ -94,8 +92,8 @@ def test_qra_delta_respects_eps_exactly():
         QRAGenerator((1, 28, 28), eps=0.0)
 
 
-def test_qra_wakes_the_purified_model_but_not_the_clean_one(badnets_result, ft_purified, clean_result):
-    purified, row = ft_purified
+def test_qra_wakes_the_purified_model_but_not_the_clean_one(badnets_result, ftsam_purified, clean_result):
+    purified, row = ftsam_purified
     retuned, _ = retune(purified, badnets_result, poison_num=5)
     before = [_state(m) for m in (purified, retuned, clean_result.model)]
     gen, out = qra(purified, retuned, clean_result.model, badnets_result, epochs=8, clean_num=128, poison_num=128,
@@ -103,10 +101,9 @@ def test_qra_wakes_the_purified_model_but_not_the_clean_one(badnets_result, ft_p
     assert all(_same(b, _state(m)) for b, m in zip(before, (purified, retuned, clean_result.model)))
     assert out["base_asr"] == pytest.approx(row["asr"])
     assert out["clean_num"] == 128 and out["poison_num"] == 128
-    # measured (1 / 2 training threads): f_P ASR 0.953 -> 0.953 / 0.499 -> 0.63; f_C ASR 0.002 / 0.002
-    assert out["asr"] >= out["base_asr"] - 0.005
-    if out["base_asr"] < 0.9:  # room to rise
-        assert out["asr"] >= out["base_asr"] + 0.05
+    # measured: f_P (FT-SAM) ASR 0.417 -> 0.506; f_C ASR 0.002, clean-sample ASR 0.098. On the NAD model (ASR
+    # 0.024) these 8 epochs move it only to 0.038
+    assert out["asr"] >= out["base_asr"] + 0.04
     assert out["clean_model_asr"] <= 0.05  # the perturbation wakes the backdoor, it is no plain adversarial example
     assert out["clean_model_clean_asr"] <= 0.2  # target-class test images count here (~10 %)
     with pytest.raises(ValueError, match="clean_num"):
@@ -153,8 +150,8 @@ def test_recompute_bn_resets_statistics():
     assert bn.momentum == 0.1 and not a.training
 
 
-def test_path_metrics_rows_and_endpoints(badnets_result, ft_purified):
-    backdoored, purified = badnets_result.model, ft_purified[0]
+def test_path_metrics_rows_and_endpoints(badnets_result, nad_purified):
+    backdoored, purified = badnets_result.model, nad_purified[0]
     rows = path_metrics(backdoored, purified, badnets_result, ts=[0.0, 0.5, 1.0])
     assert [r["t"] for r in rows] == [0.0, 0.5, 1.0]
     for row, model in ((rows[0], backdoored), (rows[-1], purified)):

@@ -1,13 +1,14 @@
 """Universal re-activation attacks (Zhu, Liang, Wu, NeurIPS 2024): white-box (WBA), Square
 Attack (BBA) and transfer (TRA). Mechanisms on tiny models; learning on the smoke BadNets
-model purified by FT.
+model purified by FT-SAM (ASR 0.998 -> 0.417).
 
-The smoke FT model's ASR depends on the thread count it was trained with (~0.50 with two
-threads, ~0.95 with one), so the learning bars are stated as the fraction of the remaining
-gap ``(after - before) / (1 - before)`` that an attack closes. Measured (2 threads / 1 thread):
-WBA 0.499 -> 0.619 / 0.953 -> 0.971 (gap 0.24 / 0.38); Square Attack, 200 queries on 128
-samples, 0.499 -> 0.548 / 0.953 -> 0.958 (gap 0.10 / 0.09); TRA from FP + FT-SAM to FT,
-0.499 -> 0.581 / 0.953 -> 0.967 (gap 0.16 / 0.29).
+The learning bars are the fraction of the remaining gap ``(after - before) / (1 - before)``
+that an attack closes. Measured under `make test` (reactivation at one thread): WBA 0.417 ->
+0.486 (gap 0.12; a random +-eps delta: 0.437); Square Attack, 200 queries on 128 samples,
+0.417 -> 0.463 (gap 0.08); TRA from FP + SAU to FT-SAM, 0.417 -> 0.463 (gap 0.08).
+With these smoke budgets (eps 0.05, 20 steps) none of the three wakes the NAD-purified model
+(ASR 0.024 -> 0.033 / 0.027 / 0.024), so they are tested on the half-purified one; the
+retuning attack does wake it (tests/test_reactivation_retune.py).
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def test_bad_inputs_raise_before_any_compute():
         square_reactivation(model, x.mul(255).to(torch.uint8), t)
 
 
-# --- learning on the smoke BadNets model purified by FT -----------------------------------
+# --- learning on the smoke BadNets model purified by FT-SAM--------------------------------
 
 
 def gap_closed(before: float, after: float) -> float:
@@ -183,8 +184,8 @@ def attacker(badnets_result):
     return x, t
 
 
-def test_whitebox_reactivates_ft(badnets_result, ft_purified, attacker):
-    model, row = ft_purified
+def test_whitebox_reactivates_ftsam(badnets_result, ftsam_purified, attacker):
+    model, row = ftsam_purified
     before = row["asr"]
     assert asr_under(model, badnets_result) == pytest.approx(before)
     x, t = attacker
@@ -194,12 +195,12 @@ def test_whitebox_reactivates_ft(badnets_result, ft_purified, attacker):
     after = asr_under(model, badnets_result, delta)
     noise = torch.randint(0, 2, delta.shape, generator=torch.Generator().manual_seed(0)).float().mul(0.1).sub(0.05)
     control = asr_under(model, badnets_result, noise)  # a random +-eps delta of the same budget
-    assert gap_closed(before, after) >= 0.15, (before, after)  # measured 0.24 / 0.38
+    assert gap_closed(before, after) >= 0.06, (before, after)  # measured 0.12
     assert after > control, (after, control)
 
 
-def test_square_reactivates_ft(badnets_result, ft_purified, attacker):
-    model, row = ft_purified
+def test_square_reactivates_ftsam(badnets_result, ftsam_purified, attacker):
+    model, row = ftsam_purified
     before = row["asr"]
     x, t = attacker
     counted = Counting(model)
@@ -207,21 +208,21 @@ def test_square_reactivates_ft(badnets_result, ft_purified, attacker):
     assert log.queries == counted.calls == 200
     assert within(delta, "linf", 0.05) and log.loss[-1] < log.loss[0]
     after = asr_under(model, badnets_result, delta)
-    assert gap_closed(before, after) >= 0.05, (before, after, log.accepted)  # measured 0.10 / 0.09
+    assert gap_closed(before, after) >= 0.04, (before, after, log.accepted)  # measured 0.08
 
 
-def test_transfer_from_other_defenses_reactivates_ft(badnets_result, ft_purified, attacker):
-    model, row = ft_purified
+def test_transfer_from_other_defenses_reactivates_ftsam(badnets_result, ftsam_purified, attacker):
+    model, row = ftsam_purified
     before = row["asr"]
-    surrogates = {name: defend(badnets_result, name, progress=False) for name in ("fp", "ftsam")}
+    surrogates = {name: defend(badnets_result, name, progress=False) for name in ("fp", "sau")}
     x, t = attacker
     delta = transfer_reactivation([m for m, _ in surrogates.values()], x, t, mode="avg", eps=0.05, steps=10,
                                   batch_size=256, lr=10.0)
     assert within(delta, "linf", 0.05)
     for name, (m, r) in surrogates.items():  # white-box on the surrogates themselves
-        assert gap_closed(r["asr"], asr_under(m, badnets_result, delta)) >= 0.08, name  # measured >= 0.15
+        assert gap_closed(r["asr"], asr_under(m, badnets_result, delta)) >= 0.04, name  # measured 0.40, 0.08
     after = asr_under(model, badnets_result, delta)  # the victim was never queried
-    assert gap_closed(before, after) >= 0.08, (before, after)  # measured 0.16 / 0.29
+    assert gap_closed(before, after) >= 0.04, (before, after)  # measured 0.08
 
 
 def test_paper_budget_is_the_official_codes_and_scales_shrink_it():

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import seeding
 from ..registry import Registry
 from .bundle import TensorBundle, augment, to_float
 from .mnist5k import load_mnist5k
@@ -60,8 +61,10 @@ def clean_subset(bundle: TensorBundle, ratio: float = 0.05, seed: int = 0, per_c
     """Indices of the defender's clean subset, never from the test set: ``int(N * ratio)``
     training samples drawn at random (BackdoorBench's ``choose_index``), or, with
     ``per_class``, that many samples of every class (``choose_by_class``; NFT's
-    one-sample-per-class setting is ``per_class=1``)."""
-    g = torch.Generator().manual_seed(seed)
+    one-sample-per-class setting is ``per_class=1``). The draw is independent of which
+    samples the attack of the same ``seed`` poisoned (``seeding``): about ``pratio`` of the
+    subset are clean twins of poisoned images, as in a random draw."""
+    g = seeding.stream(seed, "clean-subset")
     n = len(bundle.train_y)
     if per_class is not None:
         counts = torch.bincount(bundle.train_y.cpu(), minlength=bundle.num_classes)

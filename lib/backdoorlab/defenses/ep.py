@@ -22,6 +22,9 @@ each layer prune channels with entropy below ``mean - u * std`` (BN weight and b
 Hyperparameters (BackdoorBench ``config/defense/ep``): u = 3 (BackdoorBench also sweeps u over
 0..10), bin width 0.1, one batch of 256 training images (the authors: 500 images, bins 0.01).
 
+The training sample is drawn from its own random stream: drawn from the attack's seed, it
+would be nothing but poisoned images and the two populations would never meet.
+
 Deviations: values on a bin edge are counted in the bin above (BackdoorBench's strict
 inequalities drop them); labels are never used.
 
@@ -35,6 +38,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .. import seeding
 from ..data.bundle import TensorBundle
 from ..models import clone
 from . import register
@@ -50,6 +54,13 @@ def histogram_entropy(feats: torch.Tensor, bin_width: float) -> torch.Tensor:
     counts.scatter_add_(1, idx, torch.ones_like(feats))
     p = counts / feats.shape[1]
     return -(p * p.clamp_min(1e-30).log()).sum(1)
+
+
+def training_sample(n: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` random indices out of ``n`` training samples, drawn independently of the samples
+    the attack of the same seed poisoned (``seeding``), so about ``pratio`` of them are
+    poisoned: the mixture EP's signal needs."""
+    return torch.randperm(n, generator=seeding.stream(seed, "ep-sample"))[:k]
 
 
 @torch.no_grad()
@@ -79,8 +90,7 @@ class EP(Defense):
             raise ValueError(f"samples must be >= 2, got {self.samples}")
 
     def purify(self, model: nn.Module, data: TensorBundle, *, scale=None, seed: int = 0, progress: bool = True) -> nn.Module:
-        n = len(data.train_y)
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:self.samples]
+        pick = training_sample(len(data.train_y), self.samples, seed)
         purified = clone(model).to(data.device)
         chosen = outliers(entropy_scores(purified, data.train_x[pick.to(data.device)], self.bin_width), self.u, low=True)
         self.selection = {"pruned": count(chosen), "per_layer": {n: int(c.sum()) for n, c in chosen.items()}}

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import seeding
 from ..data.bundle import to_float
 from ..metrics import accuracy
 from ..train import autocast, predict
@@ -137,8 +138,7 @@ def qra(purified: nn.Module, retuned: nn.Module, clean_model: nn.Module, result:
     device = bundle.device
 
     # -- the attacker's data: clean (y, y) and poisoned (target, y_true) -----------------------
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(bundle.train_y), generator=g)[:clean_num].to(device)
+    pick = torch.randperm(len(bundle.train_y), generator=seeding.stream(seed, "qra-clean"))[:clean_num].to(device)
     x_clean, y_clean = to_float(bundle.train_x[pick]), bundle.train_y[pick]
     x_bd, _, y_true = poisoned_samples(result, n=poison_num, split="train", seed=seed)
     x = torch.cat([x_clean, x_bd.to(device)])
