@@ -58,10 +58,10 @@ NOT_AT_SMOKE = {
     "clp": "with 8-64 channels per layer, mean + 3 std is almost never exceeded: no channel is pruned",
     "mcr": "the fine-tuned end point stays close to the backdoored one, so the short curve keeps the backdoor",
     "nft": "the gamma masks learnt on clean MixUp batches keep BadNets on mnist5k at every budget tried "
-           "(default: ASR 0.996; the official 1000 x 128 budget: 0.97)",
+           "(default: ASR 0.946; the official 1000 x 128 budget: 0.97)",
     "npd": "the targeted L2 PGD (2 signed steps of 0.1, radius 1.52) never reproduces the saturated 3x3 corner patch "
            "(L2 norm 3.0), so the polarizer learns a robustness unrelated to the trigger (default BadNets ASR stays "
-           "1.0; default WaNet 0.95 -> 0.41)",
+           "1.0; default WaNet 0.95 -> 0.53)",
 }
 
 # detector -> AUC floor on the smoke BadNets setting (measured in the comment)
