@@ -9,13 +9,14 @@ import importlib
 import pytest
 import torch
 
-from backdoorlab import data, metrics
+from backdoorlab import attacks, data, metrics
 from backdoorlab.reactivation import (QRAGenerator, interpolate, path_metrics, qra, recompute_bn, retune,
                                       retuning_set)
 from tiny import tiny_model
 
 # the package exports a function of the same name
 retune_module = importlib.import_module("backdoorlab.reactivation.retune")
+qra_module = importlib.import_module("backdoorlab.reactivation.qra")
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,6 +74,14 @@ def test_retuning_attack_reactivates_the_nad_purified_backdoor(badnets_result, n
 
 
 # -- QRA -----------------------------------------------------------------------------------------
+
+def test_qra_clean_images_are_not_the_poisoned_samples():
+    # BadNets of seed 0 poisons 400 of 4000 samples: a random 500 hold ~50. Drawn from the attack's own random
+    # stream, all 400 poisoned samples would come first.
+    poisoned = attacks.create("badnets").poison_indices(torch.arange(4000) % 10, 0.1, seed=0)
+    pick = qra_module.attacker_clean_indices(4000, 500, seed=0)
+    assert len(pick.unique()) == 500 and 25 <= int(torch.isin(pick, poisoned).sum()) <= 80
+
 
 def test_qra_delta_respects_eps_exactly():
     eps = 16 / 255

@@ -100,6 +100,12 @@ class QRAGenerator(nn.Module):
         return (x + self(x)).clamp(0, 1)
 
 
+def attacker_clean_indices(n: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` random training indices for the attacker's clean images, drawn independently of the
+    samples the attack of the same seed poisoned (``seeding``)."""
+    return torch.randperm(n, generator=seeding.stream(seed, "qra-clean"))[:k]
+
+
 def _check(result: "AttackResult", models: dict[str, nn.Module], eps: float, alpha: float, clean_num: int,
            poison_num: int, epochs: int, lr: float, batch_size: int) -> None:
     if result.attack is None:
@@ -138,7 +144,7 @@ def qra(purified: nn.Module, retuned: nn.Module, clean_model: nn.Module, result:
     device = bundle.device
 
     # -- the attacker's data: clean (y, y) and poisoned (target, y_true) -----------------------
-    pick = torch.randperm(len(bundle.train_y), generator=seeding.stream(seed, "qra-clean"))[:clean_num].to(device)
+    pick = attacker_clean_indices(len(bundle.train_y), clean_num, seed).to(device)
     x_clean, y_clean = to_float(bundle.train_x[pick]), bundle.train_y[pick]
     x_bd, _, y_true = poisoned_samples(result, n=poison_num, split="train", seed=seed)
     x = torch.cat([x_clean, x_bd.to(device)])
