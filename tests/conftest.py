@@ -119,21 +119,23 @@ def badnets_result(smoke_setting, smoke_data):
         return train_attack(smoke_setting, smoke_data, progress=False)
 
 
-@pytest.fixture(scope="session")
-def ftsam_purified(badnets_result):
-    """The smoke BadNets model purified by FT-SAM (zoo-cached) and its metrics row: ASR 0.998 -> 0.417, a
-    half-removed backdoor, which the smoke-budget re-activation attacks can measurably push back up."""
+def _purified(result, defense: str):
+    """``result``'s model after ``defense`` (zoo-cached, calibrated threads) and its metrics row."""
     from backdoorlab.pipeline import defend
 
     with calibrated_threads():
-        return defend(badnets_result, "ftsam", progress=False)
+        return defend(result, defense, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ftsam_purified(badnets_result):
+    """The smoke BadNets model purified by FT-SAM: ASR 0.998 -> 0.417, a half-removed backdoor, which the
+    smoke-budget re-activation attacks can measurably push back up."""
+    return _purified(badnets_result, "ftsam")
 
 
 @pytest.fixture(scope="session")
 def nad_purified(badnets_result):
-    """The smoke BadNets model purified by NAD (zoo-cached) and its metrics row: ASR 0.998 -> 0.024, the one
-    defense that removes it on every smoke model measured (docs/architecture.md#testing)."""
-    from backdoorlab.pipeline import defend
-
-    with calibrated_threads():
-        return defend(badnets_result, "nad", progress=False)
+    """The smoke BadNets model purified by NAD: ASR 0.998 -> 0.024, the one defense that removes it on every smoke
+    model measured (docs/architecture.md#testing)."""
+    return _purified(badnets_result, "nad")

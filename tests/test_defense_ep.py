@@ -30,13 +30,23 @@ def test_a_bimodal_channel_has_low_entropy_and_is_pruned():
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_the_scored_sample_mixes_poisoned_and_clean_images(seed):
+def test_purify_scores_a_sample_that_mixes_poisoned_and_clean_images(seed, monkeypatch):
     # BadNets of the same seed poisons 10% of 4000 samples: a random 256 hold ~26 (sd ~5). From the attack's own
     # random stream all 256 would be poisoned and there would be no second population to expose.
-    poisoned = attacks.create("badnets").poison_indices(torch.arange(4000) % 10, 0.1, seed=seed)
-    sample = ep.training_sample(4000, 256, seed)
-    assert len(sample.unique()) == 256
-    assert 10 <= int(torch.isin(sample, poisoned).sum()) <= 50
+    bundle = tiny_bundle(4000)
+    index = torch.arange(4000)
+    bundle.train_x[:, 0, 0, 0], bundle.train_x[:, 0, 0, 1] = (index // 256).to(torch.uint8), (index % 256).to(torch.uint8)
+    scored, original = [], ep.entropy_scores
+
+    def recording(model, x, bin_width):  # which training images purify scores, decoded from their first pixels
+        scored.append(x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long())
+        return original(model, x, bin_width)
+
+    monkeypatch.setattr(ep, "entropy_scores", recording)
+    defenses.create("ep").purify(tiny_model(), bundle, seed=seed)
+    poisoned = attacks.create("badnets").poison_indices(bundle.train_y, 0.1, seed=seed)
+    assert len(scored) == 1 and len(scored[0].unique()) == 256
+    assert 10 <= int(torch.isin(scored[0], poisoned).sum()) <= 50
 
 
 def test_purify_copies_prunes_and_declares_its_data():
